@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Submit a loft-dist command to a running Ray cluster as a Ray job.
+#
+#   cluster/submit.sh CONFIG [key=value ...]
+#
+# RAY_ADDRESS         the cluster's job API (default http://127.0.0.1:8265, e.g. a port-forward
+#                     of cluster/raycluster.yaml's head service)
+# LOFT_DIST_COMMAND   the loft-dist command (default run; e.g. prepare, or report with a run dir)
+# RUNTIME_ENV_JSON    Ray runtime env (default: unbuffered Python output, so `ray job logs` is live)
+#
+# The repository is uploaded as the job's working dir: CONFIG and code changes travel with the
+# job without rebuilding the image. Run paths (run.storage_path) are paths on the cluster.
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == -* ]]; then
+  echo "usage: $0 CONFIG [key=value ...]" >&2
+  echo "  e.g. RAY_ADDRESS=http://127.0.0.1:8265 $0 configs/cifar100_lt_loft.yaml run.name=exp1 run.storage_path=/mnt/shared/runs" >&2
+  exit 2
+fi
+CONFIG="$1"
+shift
+
+# --working-dir . must be the repository root, whatever directory the script is called from.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# A YAML config travels in the upload, so it must be here; other arguments (e.g. the run dir
+# of `report`) are paths on the cluster.
+if [[ "$CONFIG" == *.yaml || "$CONFIG" == *.yml ]] && [[ ! -f "$CONFIG" ]]; then
+  echo "error: config $CONFIG not found under $(pwd) (give it relative to the repository root)" >&2
+  exit 2
+fi
+
+DEFAULT_RUNTIME_ENV='{"env_vars": {"PYTHONUNBUFFERED": "1"}}'
+exec ray job submit \
+  --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
+  --working-dir . \
+  --runtime-env-json "${RUNTIME_ENV_JSON:-$DEFAULT_RUNTIME_ENV}" \
+  -- loft-dist "${LOFT_DIST_COMMAND:-run}" "$CONFIG" "$@"

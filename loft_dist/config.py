@@ -1,0 +1,265 @@
+"""The structured config of every loft_dist command: dataclasses + omegaconf, validated before Ray starts.
+
+The dataclass defaults are the embedded tiny run (offline, minutes on 2 CPU cores); the paper
+settings in `configs/*.yaml` override them. Every command takes a YAML file plus `key=value`
+overrides (omegaconf dotlist).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as: which key, which value, what is allowed."""
+
+
+def _choices(default: str, *allowed: str):
+    return field(default=default, metadata={"choices": (default, *allowed)})
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    storage_path: str = "runs"  # run dir = <storage_path>/<name>; shared by every node on a cluster
+    seed: int = 0
+    ray_address: Optional[str] = None  # None: RAY_ADDRESS if set (ray job submit, KubeRay), else a local Ray
+    num_cpus: Optional[int] = None  # logical CPUs of a local Ray (None: the machine's count)
+    object_store_mb: int = 1024  # cap of a local Ray's object store
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # dataset dir (labeled/ unlabeled/ test/ *.parquet + dataset.json); "" = <run dir>/data
+    source: str = _choices("embedded", "cifar10", "cifar100", "imagefolder", "manifest")
+    source_path: str = ""  # where the source lives (CIFAR dir, ImageFolder root, manifest file)
+    image_size: int = 32  # the model's input size; images are resized to it
+    # Long-tail protocol (SPEC D.1): n_c = floor(N1 * gamma^(-c/(C-1))).
+    n1: int = 40
+    gamma_l: float = 10.0
+    m1: int = 80
+    gamma_u: float = 10.0
+    unlabeled_dist: str = _choices("consistent", "uniform", "reversed")
+    labeled_in_unlabeled: bool = False  # the DARP/ACR split convention puts labeled images in the pool too
+    test_per_class: int = 40
+    ood_ratio: float = 0.25  # OOD images added to the pool, as a share of the ID pool size
+    ood_test: int = 200  # OOD images in the ood_test split (0 = no split)
+    rows_per_shard: int = 256
+    hflip: bool = False  # horizontal flips in the train views (off for digits; the paper configs turn it on)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "loft-tiny-vit"  # any open_clip model name, or one of loft_dist/models/model_configs
+    pretrained: str = ""  # "" = random init; an open_clip tag (from the local cache) or a .pt/.bin/.safetensors file
+    head_scale: float = 25.0  # s of the cosine classifier
+    prompt: str = "a photo of a {}."
+    force_quick_gelu: bool = False  # OpenAI weights loaded from a file need QuickGELU
+    init_seed: int = 0  # seeds random init, so every process builds the same backbone
+
+
+@dataclass
+class PeftConfig:
+    method: str = _choices("lora", "none")
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # nn.MultiheadAttention ("attn": LoRA on the packed in_proj) and the MLP; out_proj alone gets no gradient.
+    target_modules: list = field(default_factory=lambda: ["attn", "mlp.c_fc", "mlp.c_proj"])
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = _choices("loft", "loft_ow")
+    c_hard: float = 0.6  # MSP >= c_hard: hard pseudo-label
+    c_ood: float = 0.3  # MSP <= c_ood: rejected (stage-2 OOD); in between: soft pseudo-label
+    lambda_u: float = 3.0
+    lambda_uc: float = 1.0
+    tau: float = 1.0  # logit adjustment strength of the supervised loss
+    temperature: float = 1.0  # T of the teacher softmax
+    soft_weight: str = _choices("one", "msp")  # SPEC decision 1
+    zs_filter: bool = False  # stage-1 zero-shot filter of the pool (LoFT-OW)
+    zs_threshold: float = 0.6
+    zs_keep: str = _choices("above", "below")
+
+
+@dataclass
+class ScoringConfig:
+    batch_size: int = 256
+    min_actors: int = 1
+    max_actors: int = 1
+    cpus_per_actor: float = 0.5  # fractional on a 2-CPU Ray: leaves CPU for Ray Data's read/decode tasks
+    gpus_per_actor: float = 0.0
+    torch_threads: int = 1
+    cpus_per_data_task: float = 0.5  # Ray Data read/decode tasks feeding the actors
+    view: str = _choices("clean", "weak")  # the teacher's view of the pool
+    probs_topk: int = 0  # 0 = keep the full distribution; k > 0 keeps the renormalised top-k
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    micro_batch_size: int = 32
+    grad_accum: int = 1
+    epochs_per_round: int = 20
+    lr: float = 0.02  # the tiny random-init model; the paper configs use SPEC's 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float = 0.0  # 0 = off
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
+    precision: str = _choices("fp32", "bf16", "fp16")
+    labeled_view: str = _choices("weak", "rrc", "clean")  # SPEC: rrc (RandomResizedCrop + flip)
+    unlabeled_view: str = _choices("strong", "weak", "clean")  # the student's view of accepted pool rows
+    cpus_per_data_task: float = 0.5  # Ray Data decode/augment tasks feeding the workers
+    shuffle_buffer: int = 256  # rows of local shuffle in each worker's stream (0 = off)
+    max_failures: int = 1
+    num_to_keep: int = 2
+
+
+@dataclass
+class RoundsConfig:
+    num_rounds: int = 2
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    many_threshold: int = 100  # "many" = labeled count > this (SPEC F)
+    few_threshold: int = 20  # "few" = labeled count < this
+    ece_bins: int = 15
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return str(Path(self.run.storage_path) / self.run.name)
+
+    @property
+    def data_root(self) -> str:
+        return self.data.root or str(Path(self.run_dir) / "data")
+
+
+def _check_keys(given: Any, schema: type, prefix: str = "") -> None:
+    """Reject unknown keys with the list of valid ones (omegaconf's own message does not list them)."""
+    if not isinstance(given, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in given.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}'; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(sorted(fields))}")
+        sub = fields[key].type
+        sub_cls = globals().get(sub) if isinstance(sub, str) else sub
+        if dataclasses.is_dataclass(sub_cls):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' is a section ({', '.join(f.name for f in dataclasses.fields(sub_cls))}); "
+                                  f"got the value {value!r}")
+            _check_keys(value, sub_cls, where + ".")
+
+
+def _check_values(cfg: Config) -> None:
+    for section in dataclasses.fields(Config):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(obj, f.name) not in allowed:
+                raise ConfigError(f"{section.name}.{f.name}={getattr(obj, f.name)!r} is not allowed; "
+                                  f"choose one of: {', '.join(map(str, allowed))}")
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+    a, t, s, d = cfg.algorithm, cfg.train, cfg.scoring, cfg.data
+    for key in ("c_hard", "c_ood", "zs_threshold"):
+        v = getattr(a, key)
+        need(0.0 <= v <= 1.0, f"algorithm.{key}", v, "a probability in [0, 1]")
+    need(a.c_ood <= a.c_hard, "algorithm.c_ood", a.c_ood, f"at most algorithm.c_hard ({a.c_hard})")
+    need(a.temperature > 0, "algorithm.temperature", a.temperature, "> 0")
+    need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "one of 0, 1, 2, 3")
+    need(t.num_workers >= 1, "train.num_workers", t.num_workers, "an integer >= 1")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "an integer >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
+    need(t.cpus_per_worker > 0, "train.cpus_per_worker", t.cpus_per_worker, "> 0")
+    need(t.lr > 0, "train.lr", t.lr, "> 0")
+    need(t.precision == "fp32" or t.use_gpu, "train.precision", t.precision,
+         "fp32 without a GPU (bf16/fp16 need train.use_gpu=true)")
+    need(s.min_actors >= 1, "scoring.min_actors", s.min_actors, "an integer >= 1")
+    need(s.max_actors >= s.min_actors, "scoring.max_actors", s.max_actors, f">= scoring.min_actors ({s.min_actors})")
+    need(s.cpus_per_actor > 0, "scoring.cpus_per_actor", s.cpus_per_actor, "> 0")
+    need(s.batch_size >= 1, "scoring.batch_size", s.batch_size, "an integer >= 1")
+    need(d.n1 >= 1, "data.n1", d.n1, "an integer >= 1")
+    need(d.gamma_l >= 1, "data.gamma_l", d.gamma_l, ">= 1 (the imbalance ratio n_1 / n_C)")
+    need(d.gamma_u >= 1, "data.gamma_u", d.gamma_u, ">= 1 (use data.unlabeled_dist=reversed for a reversed pool)")
+    need(d.ood_ratio >= 0, "data.ood_ratio", d.ood_ratio, ">= 0")
+    need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8 pixels")
+    need(cfg.rounds.num_rounds >= 0, "rounds.num_rounds", cfg.rounds.num_rounds, "an integer >= 0")
+    need(cfg.eval.few_threshold <= cfg.eval.many_threshold, "eval.few_threshold", cfg.eval.few_threshold,
+         f"at most eval.many_threshold ({cfg.eval.many_threshold})")
+    if a.name == "loft_ow" and not a.zs_filter:
+        pass  # LoFT-OW without stage 1 is a legitimate ablation
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """YAML file (optional) + dotlist overrides → a validated Config. Raises ConfigError."""
+    layers = []
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+        try:
+            layers.append(OmegaConf.to_container(OmegaConf.load(p)) or {})
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.num_workers=4)")
+        try:
+            layers.append(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r} could not be parsed: {e}") from e
+    merged = OmegaConf.structured(Config)
+    for layer in layers:
+        _check_keys(layer, Config)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            value = getattr(e, "value", None)
+            raise ConfigError(f"config key '{key}' got {value!r}: {str(e).splitlines()[0]}") from e
+    cfg: Config = OmegaConf.to_object(merged)
+    _check_values(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config inside Ray workers and actors (plain dicts cross the Ray boundary)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,46 @@
+"""The long-tail split protocol of the LTSSL papers (SPEC D.1): per-class counts and index selection."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def long_tail_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
+    """n_c = floor(N1 * gamma^(-c/(C-1))) for c = 0..C-1 (class 0 is the head; n_{C-1} = floor(N1/gamma))."""
+    if num_classes == 1:
+        return [int(n1)]
+    return [int(math.floor(n1 * gamma ** (-c / (num_classes - 1)) + 1e-9)) for c in range(num_classes)]
+
+
+def unlabeled_counts(m1: int, gamma_u: float, num_classes: int, dist: str) -> list[int]:
+    """The pool's per-class profile: `consistent` follows the labeled LT order, `reversed` flips it, `uniform` is M1 each."""
+    if dist == "uniform":
+        return [int(m1)] * num_classes
+    counts = long_tail_counts(m1, gamma_u, num_classes)
+    return counts[::-1] if dist == "reversed" else counts
+
+
+def split_long_tailed(labels: np.ndarray, labeled: list[int], unlabeled: list[int], test: int,
+                      labeled_in_unlabeled: bool, seed: int) -> dict[str, np.ndarray]:
+    """Pick indices per class: the first `test` of a seeded permutation go to test, then labeled, then unlabeled.
+
+    With `labeled_in_unlabeled` (the DARP/ACR code convention) the pool is the first n_c + m_c of the
+    class, i.e. it also holds the labeled images. Raises ValueError naming the class that is too small.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {"labeled": [], "unlabeled": [], "test": []}
+    for c, (n_c, m_c) in enumerate(zip(labeled, unlabeled)):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        need = test + n_c + m_c
+        if len(idx) < need:
+            raise ValueError(f"class {c} has {len(idx)} images but the protocol needs {need} "
+                             f"(test {test} + labeled {n_c} + unlabeled {m_c}); lower data.n1 / data.m1 / data.test_per_class")
+        out["test"].append(idx[:test])
+        lab = idx[test:test + n_c]
+        out["labeled"].append(lab)
+        rest = idx[test + n_c:test + n_c + m_c]
+        out["unlabeled"].append(np.concatenate([lab, rest]) if labeled_in_unlabeled else rest)
+    return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in out.items()}

@@ -1,0 +1,150 @@
+"""Pseudo-label tables (DESIGN §3) and the training set built from labeled rows ∪ accepted pseudo-labels."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from loft_dist.algorithms.loft import DECISIONS, HARD, LABELED, SOFT
+from loft_dist.data.store import read_split
+from loft_dist.data.transforms import decode_batch
+
+SUCCESS = "_SUCCESS"
+IGNORED = -2  # code of rows that failed to decode: they get no loss, and are counted
+
+
+def is_complete(table_dir: str | Path) -> bool:
+    return (Path(table_dir) / SUCCESS).is_file()
+
+
+def table_files(table_dir: str | Path) -> list[str]:
+    if not is_complete(table_dir):
+        raise FileNotFoundError(f"{table_dir} has no {SUCCESS}: it is not a complete table (a reader trusts only those)")
+    return sorted(glob.glob(os.path.join(str(table_dir), "*.parquet")))
+
+
+def commit_table(tmp_dir: str | Path, final_dir: str | Path, expected_rows: int | None = None) -> int:
+    """Move a fully written table dir in place, then write _SUCCESS with its row count (from Parquet footers)."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    files = sorted(tmp_dir.glob("*.parquet"))
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if expected_rows is not None and rows != expected_rows:
+        raise RuntimeError(f"{tmp_dir} holds {rows} rows, expected exactly {expected_rows} (one per input image); "
+                           f"not committing it")
+    if final_dir.exists():
+        shutil.rmtree(final_dir)  # a half-written earlier attempt (no _SUCCESS): redo it
+    os.replace(tmp_dir, final_dir)
+    (final_dir / SUCCESS).write_text(json.dumps({"rows": rows}))
+    return rows
+
+
+def read_columns(table_dir: str | Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """A few columns of a complete table as numpy arrays (ids, decisions, … — never images)."""
+    parts = [pq.read_table(f, columns=columns) for f in table_files(table_dir)]
+    return {c: np.concatenate([p.column(c).to_numpy(zero_copy_only=False) for p in parts]) if parts else np.zeros(0)
+            for c in columns}
+
+
+def accepted_lookup(table_dir: str | Path, num_classes: int) -> dict[str, np.ndarray]:
+    """Sorted arrays of the accepted (hard / soft) rows: id, code, target, weight and the soft target p."""
+    ids, codes, preds, weights, probs = [], [], [], [], []
+    for f in table_files(table_dir):
+        pf = pq.ParquetFile(f)
+        cols = ["id", "decision", "pred", "weight", "probs"] + (["probs_idx"] if "probs_idx" in pf.schema_arrow.names else [])
+        for batch in pf.iter_batches(columns=cols):
+            dec = batch.column("decision").to_numpy(zero_copy_only=False)
+            keep = (dec == "hard") | (dec == "soft")
+            if not keep.any():
+                continue
+            idx = np.flatnonzero(keep)
+            ids.append(batch.column("id").to_numpy()[idx])
+            codes.append(np.where(dec[idx] == "hard", HARD, SOFT).astype(np.int8))
+            preds.append(batch.column("pred").to_numpy()[idx].astype(np.int64))
+            weights.append(batch.column("weight").to_numpy()[idx].astype(np.float32))
+            p = np.stack(batch.column("probs").to_numpy(zero_copy_only=False)[idx]).astype(np.float32)
+            if "probs_idx" in cols:  # top-k rows: scatter back into a full distribution
+                full = np.zeros((len(idx), num_classes), np.float32)
+                np.put_along_axis(full, np.stack(batch.column("probs_idx").to_numpy(zero_copy_only=False)[idx]), p, 1)
+                p = full
+            probs.append(p)
+    if not ids:
+        return {"id": np.zeros(0, np.int64), "code": np.zeros(0, np.int8), "target": np.zeros(0, np.int64),
+                "weight": np.zeros(0, np.float32), "soft": np.zeros((0, num_classes), np.float32)}
+    out = {"id": np.concatenate(ids), "code": np.concatenate(codes), "target": np.concatenate(preds),
+           "weight": np.concatenate(weights), "soft": np.concatenate(probs)}
+    order = np.argsort(out["id"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def _labeled_rows(batch: dict, num_classes: int) -> dict:
+    n = len(batch["id"])
+    batch["code"] = np.full(n, LABELED, np.int8)
+    batch["target"] = batch["label"].astype(np.int64)
+    batch["weight"] = np.ones(n, np.float32)
+    batch["soft"] = np.zeros((n, num_classes), np.float32)
+    return batch
+
+
+def _attach_pseudo_labels(batch: dict, lookup_ref) -> dict:
+    """Keep the pool rows the decision admits, with their pseudo-label columns (lookup shared via the object store)."""
+    import ray
+
+    lookup = ray.get(lookup_ref) if isinstance(lookup_ref, ray.ObjectRef) else lookup_ref
+    ids = batch["id"]
+    pos = np.clip(np.searchsorted(lookup["id"], ids), 0, max(len(lookup["id"]) - 1, 0))
+    hit = (lookup["id"][pos] == ids) if len(lookup["id"]) else np.zeros(len(ids), bool)
+    rows = np.flatnonzero(hit)
+    out = {k: v[rows] for k, v in batch.items()}
+    p = pos[rows]
+    out["code"] = lookup["code"][p]
+    out["target"] = lookup["target"][p]
+    out["weight"] = lookup["weight"][p]
+    out["soft"] = lookup["soft"][p]
+    return out
+
+
+def _to_train_columns(batch: dict) -> dict:
+    """Numeric columns only (iter_torch_batches converts every column); undecodable rows are IGNORED, not dropped."""
+    code = batch["code"].astype(np.int8)
+    code[np.asarray(batch["error"]) != ""] = IGNORED
+    return {"image": batch["image"], "code": code, "target": batch["target"], "weight": batch["weight"],
+            "soft": batch["soft"], "id": batch["id"]}
+
+
+def training_dataset(data_root: str, cfg, num_classes: int, pl_table: str | None):
+    """Ray Dataset of labeled rows ∪ accepted pseudo-labeled pool rows, decoded into training views.
+
+    Labeled rows get `train.labeled_view`, pool rows `train.unlabeled_view` (strong), in Ray Data tasks.
+    """
+    import ray
+
+    cols = ["id", "image", "label"]
+    ds = read_split(data_root, "labeled", columns=cols).map_batches(_labeled_rows, fn_kwargs={"num_classes": num_classes},
+                                                                    batch_format="numpy")
+    n_accepted = 0
+    if pl_table is not None:
+        lookup = accepted_lookup(pl_table, num_classes)
+        n_accepted = len(lookup["id"])
+        if n_accepted:
+            ref = ray.put(lookup)
+            pool = read_split(data_root, "unlabeled", columns=cols).map_batches(
+                _attach_pseudo_labels, fn_kwargs={"lookup_ref": ref}, batch_format="numpy")
+            ds = ds.union(pool)
+    t = cfg.train
+    views = {"view": t.unlabeled_view, "image_size": cfg.data.image_size, "hflip": cfg.data.hflip,
+             "labeled_view": t.labeled_view}
+    ds = ds.randomize_block_order(seed=cfg.run.seed).map_batches(
+        decode_batch, fn_kwargs=views, batch_format="numpy", num_cpus=t.cpus_per_data_task,
+    ).map_batches(_to_train_columns, batch_format="numpy")
+    return ds, n_accepted
+
+
+def pool_decisions(table_dir: str | Path) -> dict[str, int]:
+    dec = read_columns(table_dir, ["decision"])["decision"]
+    return {d: int((dec == d).sum()) for d in DECISIONS}

@@ -1,0 +1,141 @@
+"""The open_clip backbone, its text prototypes and the classifier that training and scoring share.
+
+The one door in is `build_classifier(model_cfg, peft_cfg, class_names)`. Nothing here imports Ray or
+training code, so a checkpoint can be used for inference anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_registered = False
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights are not available offline; the message says what to place where."""
+
+
+def _register_configs() -> None:
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def create_clip(name: str, pretrained: str = "", force_quick_gelu: bool = False):
+    """An open_clip model: random init (pretrained=""), a local weights file, or a pretrained tag from the cache."""
+    _register_configs()
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"model.name={name!r} is not an open_clip model; e.g. ViT-B-16, ViT-B-16-quickgelu, "
+                         f"or a config in {MODEL_CONFIG_DIR}")
+    source = pretrained or None
+    if source and (source.endswith(WEIGHT_SUFFIXES) or os.sep in source):
+        if not Path(source).is_file():
+            raise MissingWeightsError(
+                f"model.pretrained={source!r}: no such file. Place the {name} weights there (a .pt/.bin/.safetensors "
+                f"state dict, e.g. OpenAI's ViT-B-16.pt), or set model.pretrained to the file's path")
+    elif source:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if source not in tags:
+            raise ValueError(f"model.pretrained={source!r} is not a pretrained tag of {name}; tags: {', '.join(tags) or 'none'}")
+        # Offline, the hub client retries for ~46 s before failing; fail at once instead (only the cache is used).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return open_clip.create_model(name, pretrained=source, force_quick_gelu=force_quick_gelu)
+    except (RuntimeError, OSError, ValueError) as e:
+        if source and not Path(source).is_file():
+            raise MissingWeightsError(
+                f"model.pretrained={source!r} for {name} is not in the local cache and this machine is offline. "
+                f"Download the weights on a connected machine (open_clip.create_model({name!r}, pretrained={source!r})), "
+                f"copy the file here and set model.pretrained=/path/to/file") from e
+        raise
+
+
+@torch.no_grad()
+def text_prototypes(clip, name: str, class_names: list[str], prompt: str) -> torch.Tensor:
+    """t_c = normalize(CLIP_text(prompt.format(class_c))), shape (C, embed_dim)."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(name, context_length=clip.context_length)
+    tokens = tokenizer([prompt.format(c.replace("_", " ")) for c in class_names])
+    return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+
+
+class CosineHead(nn.Module):
+    """logits = s * <x/||x||, w_c/||w_c||> (SPEC A.0.1), no bias."""
+
+    def __init__(self, weight: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone().float())
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).t()
+
+
+class ClipClassifier(nn.Module):
+    """Image tower (frozen, with adapters) + cosine head on the pre-projection CLS feature.
+
+    Keeps CLIP's projection, text prototypes and logit scale as buffers for zero-shot scoring.
+    """
+
+    def __init__(self, visual: nn.Module, head: CosineHead, proj: torch.Tensor, text: torch.Tensor,
+                 logit_scale: float):
+        super().__init__()
+        self.visual = visual
+        self.head = head
+        self.register_buffer("zs_proj", proj.detach().clone().float())
+        self.register_buffer("zs_text", text.detach().clone().float())
+        self.zs_logit_scale = float(logit_scale)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP zero-shot: logit_scale * cos(f proj, t_c)."""
+        img = F.normalize(self.features(images) @ self.zs_proj, dim=-1)
+        return self.zs_logit_scale * img @ self.zs_text.t()
+
+
+def build_classifier(model_cfg, peft_cfg, class_names: list[str]) -> ClipClassifier:
+    """Backbone → text prototypes → head init w_c = normalize(t_c proj^T) → frozen visual + adapter."""
+    from loft_dist.models.adapters import apply_adapter
+
+    # Random-init backbones must be identical in every worker, actor and later process: seed their init.
+    with torch.random.fork_rng():
+        torch.manual_seed(model_cfg.init_seed)
+        clip = create_clip(model_cfg.name, model_cfg.pretrained, model_cfg.force_quick_gelu)
+    clip.eval()
+    visual = clip.visual
+    if getattr(visual, "proj", None) is None:
+        raise ValueError(f"model.name={model_cfg.name!r}: loft_dist needs a ViT image tower with a projection "
+                         f"(open_clip ViT models); this model has none")
+    text = text_prototypes(clip, model_cfg.name, class_names, model_cfg.prompt)
+    proj = visual.proj.detach().clone().float()
+    head = CosineHead(F.normalize(text @ proj.t(), dim=-1), model_cfg.head_scale)
+    logit_scale = float(clip.logit_scale.detach().exp())
+    visual.proj = None  # the classifier reads ln_post(CLS), before CLIP's projection
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    visual = apply_adapter(visual, peft_cfg)
+    return ClipClassifier(visual, head, proj, text, logit_scale)
+
+
+def trainable_summary(model: nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "share": trainable / max(total, 1)}

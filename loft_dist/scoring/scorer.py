@@ -1,0 +1,100 @@
+"""The scorer: a callable class for `Dataset.map_batches` on an actor pool (model loaded once per actor).
+
+Modes: `zero_shot` (round 0: CLIP zero-shot scores, the stage-1 OOD filter), `teacher` (round r: the model
+of round r-1 pseudo-labels the pool), `eval` (predictions on the test splits). Every input row gives
+exactly one output row, whatever its decision; rows that failed to decode come out `rejected` with
+their error kept, so the driver can quarantine them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from loft_dist.algorithms.loft import DECISIONS, REJECTED, pseudo_label_decision, zero_shot_keep
+from loft_dist.config import from_dict
+from loft_dist.models.checkpoint import load_classifier
+
+MODES = ("zero_shot", "teacher", "eval")
+
+
+class ZeroShotLookup:
+    """id → zero-shot MSP from the round-0 table (two columns, sorted; ~12 bytes per pool image)."""
+
+    def __init__(self, table_dir: str):
+        files = sorted(glob.glob(os.path.join(table_dir, "*.parquet")))
+        if not files:
+            raise FileNotFoundError(f"no round-0 zero-shot table in {table_dir}")
+        parts = [pq.read_table(f, columns=["id", "zs_msp"]) for f in files]
+        ids = np.concatenate([p.column("id").to_numpy() for p in parts])
+        vals = np.concatenate([p.column("zs_msp").to_numpy() for p in parts])
+        order = np.argsort(ids)
+        self.ids, self.vals = ids[order], vals[order].astype(np.float32)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.clip(pos, 0, len(self.ids) - 1)
+        missing = self.ids[pos] != ids
+        if missing.any():
+            raise KeyError(f"{int(missing.sum())} pool ids (e.g. {ids[missing][:3].tolist()}) are not in the round-0 "
+                           f"zero-shot table; the pool changed since round 0 — start a new run")
+        return self.vals[pos]
+
+
+class Scorer:
+    def __init__(self, cfg: dict, class_names: list[str], mode: str, checkpoint: str | None = None,
+                 zs_table: str | None = None):
+        if mode not in MODES:
+            raise ValueError(f"scorer mode {mode!r}; one of {MODES}")
+        self.cfg = from_dict(cfg)
+        torch.set_num_threads(self.cfg.scoring.torch_threads)  # Ray sets OMP_NUM_THREADS from num_cpus
+        self.device = "cuda" if self.cfg.scoring.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.model = load_classifier(self.cfg.model, self.cfg.peft, class_names, checkpoint).to(self.device)
+        self.mode = mode
+        self.zs = ZeroShotLookup(zs_table) if zs_table else None
+        self.topk = self.cfg.scoring.probs_topk
+
+    def __call__(self, batch: dict) -> dict:
+        a = self.cfg.algorithm
+        x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
+        with torch.inference_mode():
+            logits = self.model.zero_shot_logits(x) if self.mode == "zero_shot" else self.model(x)
+            probs = torch.softmax(logits.float() / a.temperature, dim=-1).cpu()
+        ids = np.asarray(batch["id"])
+        zs_msp = probs.max(-1).values.numpy() if self.mode == "zero_shot" else \
+            (self.zs(ids) if self.zs is not None else np.full(len(ids), np.nan, np.float32))
+        keep = zero_shot_keep(torch.from_numpy(zs_msp), a.zs_threshold, a.zs_keep) if a.zs_filter else None
+        d = pseudo_label_decision(probs, a.c_hard, a.c_ood, a.soft_weight, keep)
+        errors = np.asarray(batch["error"], dtype=object)
+        bad = torch.from_numpy(errors != "")
+        d["code"][bad] = REJECTED
+        d["weight"][bad] = 0.0
+        out = {
+            "id": ids.astype(np.int64),
+            "pred": d["pred"].numpy().astype(np.int32),
+            "msp": d["msp"].numpy().astype(np.float32),
+            "zs_msp": zs_msp.astype(np.float32),
+            "decision": np.asarray(DECISIONS)[d["code"].numpy()].astype(str),
+            "weight": d["weight"].numpy().astype(np.float32),
+            "true_label": np.asarray(batch["true_label"]).astype(np.int32),
+            "error": errors.astype(str),
+        }
+        p = probs.numpy().astype(np.float32)
+        if self.topk and self.topk < p.shape[1]:
+            idx = np.argsort(-p, axis=1)[:, : self.topk]
+            top = np.take_along_axis(p, idx, axis=1)
+            out["probs_idx"] = _list_column(idx.astype(np.int32))
+            p = top / top.sum(axis=1, keepdims=True)
+        out["probs"] = _list_column(p)
+        # A plain Arrow table (list<float> probs) keeps the Parquet readable without Ray's tensor extension.
+        return pa.table(out)
+
+
+def _list_column(a: np.ndarray) -> pa.ListArray:
+    offsets = np.arange(0, a.size + 1, a.shape[1], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(a.ravel()))

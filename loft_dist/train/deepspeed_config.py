@@ -1,0 +1,22 @@
+"""Our train config → a DeepSpeed config dict (ZeRO stage, precision, accumulation, clipping)."""
+
+from __future__ import annotations
+
+
+def deepspeed_config(t) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "zero_optimization": {"stage": t.zero_stage},
+        # A torch optimizer is passed in (no JIT-compiled fused op); ZeRO accepts it with this flag.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if t.grad_clip > 0:
+        cfg["gradient_clipping"] = t.grad_clip
+    if t.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return cfg

@@ -1,0 +1,56 @@
+"""The TorchTrainer of one round: scaling, storage, failure handling; returns the final checkpoint dir."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from loft_dist.config import to_dict
+
+log = logging.getLogger(__name__)
+
+
+def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init_checkpoint: str | None,
+              round_idx: int, storage_path: str, out_dir: str) -> dict:
+    """Train one round on `train_ds` with Ray Train workers running DeepSpeed; copy the last checkpoint to out_dir."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from loft_dist.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg), "class_names": class_names, "prior": prior, "init_checkpoint": init_checkpoint,
+            "epoch_offset": (round_idx - 1) * t.epochs_per_round,
+            "total_epochs": cfg.rounds.num_rounds * t.epochs_per_round,
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"r{round_idx}", storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+        ),
+        datasets={"train": train_ds},
+    )
+    log.info("round %d train: %d Ray Train workers x %s, DeepSpeed ZeRO stage %d, %s, micro batch %d x accum %d "
+             "→ global batch %d", round_idx, t.num_workers, resources, t.zero_stage, t.precision,
+             t.micro_batch_size, t.grad_accum, t.num_workers * t.micro_batch_size * t.grad_accum)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"round {round_idx}: training reported no checkpoint (empty training set?)")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return dict(result.metrics or {})
