@@ -66,12 +66,16 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = _choices("lora", "none")
+    # What trains in the image tower (loft_dist/models/adapters.py); the paper's LoFT uses adaptformer.
+    method: str = _choices("lora", "adaptformer", "vpt", "bitfit", "ln", "full", "none")
+    # LoRA rank / AdaptFormer bottleneck; 0 = the released code's rule r = 2**max(0, int(log2(C / (2 * n_layers)))).
     r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    layers: Optional[list] = None  # block indices that get the adapter (lora, adaptformer, vpt, bitfit, ln); None = all
+    alpha: int = 16  # LoRA scaling alpha / r
+    dropout: float = 0.0  # LoRA dropout
     # nn.MultiheadAttention ("attn": LoRA on the packed in_proj) and the MLP; out_proj alone gets no gradient.
     target_modules: list = field(default_factory=lambda: ["attn", "mlp.c_fc", "mlp.c_proj"])
+    vpt_tokens: int = 10  # VPT-deep prompts per block (LIFT's default length)
 
 
 @dataclass
@@ -107,7 +111,7 @@ class TrainConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5
     use_gpu: bool = False
-    micro_batch_size: int = 32
+    micro_batch_size: int = 8  # x 2 workers = global batch 16 (SPEC B = 16)
     grad_accum: int = 1
     epochs_per_round: int = 20
     lr: float = 0.02  # the tiny random-init model; the paper configs use SPEC's 0.01
@@ -126,7 +130,7 @@ class TrainConfig:
 
 @dataclass
 class RoundsConfig:
-    num_rounds: int = 2
+    num_rounds: int = 3
 
 
 @dataclass
@@ -191,6 +195,14 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
     a, t, s, d = cfg.algorithm, cfg.train, cfg.scoring, cfg.data
+    p = cfg.peft
+    need(p.r >= 0, "peft.r", p.r, "an integer >= 0 (0 = automatic bottleneck from the number of classes)")
+    need(p.vpt_tokens >= 1, "peft.vpt_tokens", p.vpt_tokens, "an integer >= 1")
+    need(0.0 <= p.dropout < 1.0, "peft.dropout", p.dropout, "a probability in [0, 1)")
+    need(p.layers is None or (len(p.layers) > 0 and all(isinstance(i, int) and i >= 0 for i in p.layers)),
+         "peft.layers", p.layers, "null (every block) or a non-empty list of block indices >= 0")
+    need(bool(p.target_modules) or p.method != "lora", "peft.target_modules", p.target_modules,
+         "a non-empty list of module names for peft.method=lora")
     for key in ("c_hard", "c_ood", "zs_threshold"):
         v = getattr(a, key)
         need(0.0 <= v <= 1.0, f"algorithm.{key}", v, "a probability in [0, 1]")

@@ -1,12 +1,39 @@
-"""`loft-dist report`: the run's rounds gathered into report/metrics.json and a Markdown report."""
+"""`loft-dist report`: the run's rounds gathered into report/metrics.json, report.md and the PNG figures.
+
+Reads only what the run wrote: rounds/r*/metrics.json, the pool's pseudo-label tables and the last
+round's test predictions (a few columns, never images), config.yaml and dataset.json. Nothing here
+starts Ray or loads a model, so a report can be rewritten anywhere the run dir is readable.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
+import numpy as np
+
+from loft_dist.data.pseudo_labels import is_complete, read_columns
 from loft_dist.data.quarantine import quarantined_counts
 from loft_dist.data.store import write_json_atomic
+from loft_dist.eval import plots
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("many", "medium", "few")
+TERTILES = ("head", "mid", "tail")
+PLOTS = {  # file → what it shows; a file not written this time is removed, so report/ never shows stale figures
+    "accuracy_by_round.png": "Test accuracy by round, overall and by group",
+    "per_class_accuracy.png": "Per-class test accuracy against labeled class frequency",
+    "worst_classes_confusion.png": "Confusion summary of the worst classes",
+    "reliability.png": "Reliability diagram",
+    "pool_score_histograms.png": "MSP and zero-shot MSP of ID vs OOD pool images",
+    "pseudo_labels_by_round.png": "Pseudo-label precision and coverage by round",
+    "pseudo_labels_by_class.png": "Pseudo-label precision and coverage by class frequency",
+}
+WORST_K = 8  # rows of the confusion summary
+CONFUSIONS_PER_CLASS = 3
 
 
 def _pct(v) -> str:
@@ -14,22 +41,214 @@ def _pct(v) -> str:
 
 
 def load_rounds(run_dir: Path) -> list[dict]:
-    files = sorted((run_dir / "rounds").glob("r*/metrics.json"), key=lambda p: int(p.parent.name[1:]))
+    files = sorted((Path(run_dir) / "rounds").glob("r*/metrics.json"), key=lambda p: int(p.parent.name[1:]))
     return [json.loads(p.read_text()) for p in files]
+
+
+def load_run_config(run_dir: Path) -> dict:
+    """config.yaml as a plain dict ({} when absent: a report still works from metrics alone)."""
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(p)) or {}
+
+
+def find_dataset_info(run_dir: Path, cfg: dict) -> dict | None:
+    """dataset.json of the run: data.root when set, else <run dir>/data (config's empty root means that)."""
+    root = (cfg.get("data") or {}).get("root") or ""
+    for d in ([Path(root)] if root else []) + [Path(run_dir) / "data"]:
+        if (d / "dataset.json").is_file():
+            return json.loads((d / "dataset.json").read_text())
+    return None
+
+
+def _finite(obj):
+    """Non-finite floats → None, so a metrics.json written by hand or by older code cannot put NaN in the report."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _group_rules(cfg: dict) -> dict[str, str]:
+    e = cfg.get("eval") or {}
+    many, few = e.get("many_threshold", 100), e.get("few_threshold", 20)
+    return {"many": f"> {many} labels", "medium": f"{few}–{many} labels", "few": f"< {few} labels"}
+
+
+def _last_with(rounds: list[dict], pred) -> dict | None:
+    return next((m for m in reversed(rounds) if pred(m)), None)
+
+
+# --------------------------------------------------------------------------------------------
+# data behind each figure
+# --------------------------------------------------------------------------------------------
+def _accuracy_figure(out: Path, rounds: list[dict], rules: dict[str, str]) -> Path:
+    idx = [m["round"] for m in rounds]
+    t = [m["test"] for m in rounds]
+    labels = {}
+    for g in GROUPS:
+        if all(x["groups"][g]["empty"] for x in t):
+            labels[g] = f"{g} ({rules[g]}): empty"
+        else:
+            labels[g] = f"{g} ({rules[g]})"
+    return plots.accuracy_by_round(
+        out / "accuracy_by_round.png", idx,
+        {k: [x[k] for x in t] for k in ("accuracy", "balanced_accuracy")},
+        {g: [x["groups"][g]["accuracy"] for x in t] for g in GROUPS},
+        {g: [x["tertiles"][g]["accuracy"] for x in t] for g in TERTILES}, labels)
+
+
+def _class_groups(test: dict, num_classes: int) -> list[str]:
+    group = ["medium"] * num_classes
+    for g in GROUPS:
+        for c in test["groups"][g]["classes"]:
+            group[c] = g
+    return group
+
+
+def _pseudo_label_series(rounds: list[dict], tertiles: dict[str, list[int]]) -> dict:
+    """Per-round overall quality and class-averaged quality per tertile, from rounds whose pool had ground truth."""
+    with_truth = [m for m in rounds if "precision" in (m.get("pseudo_labels") or {})]
+    series = {"rounds": [m["round"] for m in with_truth], "overall": {}, "precision": {}, "coverage": {}}
+    for key in ("precision", "hard_precision", "soft_precision", "coverage"):
+        series["overall"][key] = [m["pseudo_labels"].get(key) for m in with_truth]
+    series["overall"]["ood_admitted_rate"] = [
+        m["pseudo_labels"]["ood_admitted"] / m["pseudo_labels"]["ood_total"] if m["pseudo_labels"]["ood_total"] else None
+        for m in with_truth]
+    for name, classes in tertiles.items():
+        series["precision"][name] = [_mean(m["pseudo_labels"]["precision_per_class"][c] for c in classes)
+                                     for m in with_truth]
+        series["coverage"][name] = [_mean(m["pseudo_labels"]["recall_per_class"][c] for c in classes)
+                                    for m in with_truth]
+    return series
+
+
+def _histogram_panels(run_dir: Path, rounds: list[dict], cfg: dict) -> tuple[list[dict], int | None]:
+    """Panels of the pool's zero-shot MSP and of the latest teacher's MSP, split by ground truth (ID / OOD)."""
+    tables = [m["round"] for m in rounds if is_complete(run_dir / "rounds" / f"r{m['round']}" / "pseudo_labels")]
+    if not tables:
+        return [], None
+    r = tables[-1]
+    cols = read_columns(run_dir / "rounds" / f"r{r}" / "pseudo_labels", ["msp", "zs_msp", "true_label", "error"])
+    ok = cols["error"] == ""
+    truth = cols["true_label"].astype(float)[ok]  # nullable column: unknown ground truth arrives as NaN
+    msp, zs = cols["msp"].astype(float)[ok], cols["zs_msp"].astype(float)[ok]
+    known = ~np.isnan(truth)
+
+    def split(values):
+        groups = {"ID images": values[known & (truth >= 0)], "OOD images": values[known & (truth < 0)]}
+        if (~known).any():
+            groups["ground truth unknown"] = values[~known]
+        return {k: v[~np.isnan(v)] for k, v in groups.items()}
+
+    a = cfg.get("algorithm") or {}
+    pool_ood = next((m.get("pool_ood") for m in rounds if m["round"] == r), None) or {}
+
+    def auroc(key):
+        v = (pool_ood.get(key) or {}).get("auroc")
+        return "" if v is None else f", AUROC ID vs OOD {100 * v:.1f}%"
+
+    panels = []
+    if not np.isnan(zs).all():
+        lines = {"zs_threshold": a["zs_threshold"]} if a.get("zs_filter") and "zs_threshold" in a else {}
+        panels.append({"title": f"Zero-shot MSP of the pool (stage-1 score){auroc('zs_msp')}",
+                       "xlabel": "zero-shot max softmax probability", "groups": split(zs), "lines": lines})
+    if r >= 1:
+        lines = {k: a[k] for k in ("c_hard", "c_ood") if k in a}
+        panels.append({"title": f"Teacher MSP of the pool, round {r}{auroc('msp')}",
+                       "xlabel": "max softmax probability (teacher of round {})".format(r), "groups": split(msp),
+                       "lines": lines})
+    return panels, r
+
+
+def _confusion(run_dir: Path, final: dict, num_classes: int) -> dict | None:
+    """Worst classes of the final round and where their test images go (from predictions/test)."""
+    table = run_dir / "rounds" / f"r{final['round']}" / "predictions" / "test"
+    if not is_complete(table):
+        return None
+    cols = read_columns(table, ["true_label", "pred", "error"])
+    ok = (cols["error"] == "") & (cols["true_label"] >= 0)
+    y, p = cols["true_label"][ok].astype(np.int64), cols["pred"][ok].astype(np.int64)
+    if y.size == 0:
+        return None
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (y, p), 1)
+    acc = final["test"]["per_class_accuracy"]
+    present = [c for c in range(num_classes) if acc[c] is not None]
+    worst = sorted(present, key=lambda c: (acc[c], c))[:WORST_K]
+    rows = []
+    for c in worst:
+        top = [int(k) for k in np.argsort(-matrix[c], kind="stable")[:CONFUSIONS_PER_CLASS] if matrix[c, k] > 0]
+        rows.append({"class": c, "n": int(matrix[c].sum()), "accuracy": acc[c],
+                     "predicted_as": [{"class": k, "share": float(matrix[c, k] / matrix[c].sum())} for k in top]})
+    cols_ = list(dict.fromkeys(k["class"] for r in rows for k in r["predicted_as"]))
+    shares = np.array([[matrix[r["class"], k] / r["n"] for k in cols_] for r in rows], dtype=float)
+    shares = np.hstack([shares, 1.0 - shares.sum(axis=1, keepdims=True)]).clip(0, 1)
+    return {"rows": rows, "columns": cols_, "shares": shares}
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+def _data_summary(info: dict | None, cfg: dict) -> list[str]:
+    lines = []
+    if info:
+        lab = info["counts"]["labeled"]
+        rows, ood = info.get("rows", {}), info.get("ood_counts", {})
+        lines.append(f"Data: {len(info['class_names'])} classes; labeled {sum(lab)} images ({max(lab)} → {min(lab)} "
+                     f"per class, imbalance {max(lab) / max(min(lab), 1):.1f}); pool {rows.get('unlabeled', '–')} "
+                     f"(of which OOD {ood.get('unlabeled', 0)}); test {rows.get('test', '–')}; "
+                     f"OOD test {rows.get('ood_test', 0)}.")
+    a, m, p = cfg.get("algorithm") or {}, cfg.get("model") or {}, cfg.get("peft") or {}
+    if a:
+        lines.append(f"Method: {a.get('name')} (c_hard {a.get('c_hard')}, c_ood {a.get('c_ood')}, zero-shot filter "
+                     f"{'on' if a.get('zs_filter') else 'off'}); model {m.get('name')} "
+                     f"({m.get('pretrained') or 'random init'}) with {p.get('method')} adapter; "
+                     f"{(cfg.get('rounds') or {}).get('num_rounds', '–')} rounds.")
+    return lines
 
 
 def write_report(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
-    rounds = load_rounds(run_dir)
+    rounds = [_finite(m) for m in load_rounds(run_dir)]
     if not rounds:
         raise FileNotFoundError(f"{run_dir} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
+    cfg = load_run_config(run_dir)
+    info = find_dataset_info(run_dir, cfg)
+    final = rounds[-1]
+    num_classes = len(final["test"]["per_class_accuracy"])
+    names = info["class_names"] if info else [f"class {c}" for c in range(num_classes)]
+    labeled = info["counts"]["labeled"] if info else None
+    rules = _group_rules(cfg)
     quarantined = quarantined_counts(run_dir)
-    summary = {"run_dir": str(run_dir), "rounds": rounds, "final": rounds[-1], "quarantined": quarantined}
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    write_json_atomic(out / "metrics.json", summary)
+    written: list[str] = []
+    notes: list[str] = []
 
-    lines = [f"# loft_dist report — {run_dir.name}", "",
+    def plot(name: str, fn, *args) -> bool:
+        # A figure that fails must not cost the user the whole report (the tables still carry the numbers).
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            log.warning("report: figure %s not written: %s: %s", name, type(e).__name__, e)
+            notes.append(f"{name} could not be drawn ({type(e).__name__}: {e}).")
+            return False
+        written.append(name)
+        return True
+
+    lines = [f"# loft_dist report — {run_dir.name}", "", *(_data_summary(info, cfg)), "",
              "Accuracy in % on the test split; groups by labeled count (many / medium / few) and by frequency "
              "tertiles (head / mid / tail). Round 0 is zero-shot CLIP.", "",
              "| round | model | acc | balanced | macro-F1 | many | medium | few | head | mid | tail | ECE | AUROC (MSP) |",
@@ -38,12 +257,91 @@ def write_report(run_dir: str | Path) -> dict:
         t, g, tt = m["test"], m["test"]["groups"], m["test"]["tertiles"]
         auroc = m.get("ood_test", {}).get("auroc")
         lines.append(f"| {m['round']} | {m['model']} | {_pct(t['accuracy'])} | {_pct(t['balanced_accuracy'])} | "
-                     f"{_pct(t['macro_f1'])} | " + " | ".join(_pct(g[k]['accuracy']) for k in ("many", "medium", "few"))
-                     + " | " + " | ".join(_pct(tt[k]['accuracy']) for k in ("head", "mid", "tail"))
+                     f"{_pct(t['macro_f1'])} | " + " | ".join(_pct(g[k]['accuracy']) for k in GROUPS)
+                     + " | " + " | ".join(_pct(tt[k]['accuracy']) for k in TERTILES)
                      + f" | {_pct(t['ece'])} | {_pct(auroc)} |")
-    empty = [k for k in ("many", "medium", "few") if rounds[-1]["test"]["groups"][k]["empty"]]
+    empty = [k for k in GROUPS if final["test"]["groups"][k]["empty"]]
     if empty:
-        lines += ["", f"Empty groups (no class has that many labels): {', '.join(empty)} — shown as –."]
+        lines += ["", "Empty groups: " + "; ".join(f"{k} ({rules[k]}) — no class has that many labels" if k != "few"
+                                                   else f"{k} ({rules[k]}) — every class has at least that many"
+                                                   for k in empty)
+                  + ". Shown as – in the tables and left out of the plots; the tertiles are never empty."]
+    if plot("accuracy_by_round.png", _accuracy_figure, out, rounds, rules):
+        lines += ["", "![Test accuracy by round, overall and by group](accuracy_by_round.png)", "",
+                  "*accuracy_by_round.png* — test accuracy (%) per round: overall, class-balanced, and by "
+                  "labeled-count group (left) or frequency tertile (right)."]
+
+    # --- per class, final round
+    lines += ["", f"## Per-class accuracy (round {final['round']})", ""]
+    if labeled is None:
+        lines.append("dataset.json of the run was not found, so classes cannot be ordered by labeled count; "
+                     "no per-class figure.")
+    else:
+        groups = _class_groups(final["test"], num_classes)
+        if plot("per_class_accuracy.png", plots.per_class_accuracy, out / "per_class_accuracy.png", names,
+                final["test"]["per_class_accuracy"], labeled, groups, final["round"]):
+            missing = sum(a is None for a in final["test"]["per_class_accuracy"])
+            lines += ["![Per-class test accuracy against labeled class frequency](per_class_accuracy.png)", "",
+                      "*per_class_accuracy.png* — bars: test accuracy (%) of each class, sorted by labeled count "
+                      "and coloured by group; line: labeled images per class."
+                      + (f" {missing} classes have no test images and no bar." if missing else "")]
+    conf = _confusion(run_dir, final, num_classes)
+    worst_summary = []
+    if conf is None:
+        lines += ["", f"No complete rounds/r{final['round']}/predictions/test table: no confusion summary."]
+    else:
+        lines += ["", f"### Worst classes (round {final['round']})", "",
+                  "| class | labeled | test images | accuracy | most often predicted as |", "|---|---|---|---|---|"]
+        for r in conf["rows"]:
+            where = ", ".join(f"{names[k['class']]} {100 * k['share']:.0f}%" for k in r["predicted_as"]) or "–"
+            lines.append(f"| {names[r['class']]} | {labeled[r['class']] if labeled else '–'} | {r['n']} | "
+                         f"{_pct(r['accuracy'])} | {where} |")
+            worst_summary.append({"class": r["class"], "name": names[r["class"]], "test_images": r["n"],
+                                  "accuracy": r["accuracy"],
+                                  "predicted_as": [{**k, "name": names[k["class"]]} for k in r["predicted_as"]]})
+        if plot("worst_classes_confusion.png", plots.confusion_worst, out / "worst_classes_confusion.png",
+                [names[r["class"]] for r in conf["rows"]], [names[k] for k in conf["columns"]] + ["other"],
+                conf["shares"], [r["accuracy"] for r in conf["rows"]], final["round"]):
+            lines += ["", "![Confusion summary of the worst classes](worst_classes_confusion.png)", "",
+                      "*worst_classes_confusion.png* — rows: the classes with the lowest test accuracy; columns: "
+                      f"their {CONFUSIONS_PER_CLASS} most frequent predictions and all others; cells: share (%) of "
+                      "the row's test images."]
+
+    # --- calibration
+    lines += ["", "## Calibration", ""]
+    diagrams = [{"title": f"Round {m['round']} — {m['model']}, ECE {_pct(m['test']['ece'])}%",
+                 "bins": m["test"]["reliability"]}
+                for m in ({rounds[0]["round"]: rounds[0], final["round"]: final}).values()
+                if m["test"].get("reliability")]
+    if not diagrams:
+        lines.append("No reliability data (the evaluation recorded no confidences).")
+    else:
+        if plot("reliability.png", plots.reliability, out / "reliability.png", diagrams):
+            lines += ["![Reliability diagram](reliability.png)", "",
+                      "*reliability.png* — top: accuracy of the test images in each confidence bin (blue) and the gap "
+                      "to the bin's mean confidence (hatched); the dashed diagonal is perfect calibration. "
+                      "Bottom: share (%) of test images per bin."]
+
+    # --- OOD
+    lines += ["", "## OOD detection", "",
+              "| round | OOD test AUROC | AUPR-in | AUPR-out | FPR@95 | pool AUROC (MSP) | pool AUROC (zero-shot MSP) |",
+              "|---|---|---|---|---|---|---|"]
+    for m in rounds:
+        o, po = m.get("ood_test") or {}, m.get("pool_ood") or {}
+        lines.append(f"| {m['round']} | {_pct(o.get('auroc'))} | {_pct(o.get('aupr_in'))} | {_pct(o.get('aupr_out'))} | "
+                     f"{_pct(o.get('fpr95'))} | {_pct((po.get('msp') or {}).get('auroc'))} | "
+                     f"{_pct((po.get('zs_msp') or {}).get('auroc'))} |")
+    lines += ["", "MSP = max softmax probability, higher = more in-distribution; – = no OOD images to compare with."]
+    panels, hist_round = _histogram_panels(run_dir, rounds, cfg)
+    if not panels:
+        lines += ["", "No complete pseudo-label table of the pool: no score histograms."]
+    else:
+        if plot("pool_score_histograms.png", plots.score_histograms, out / "pool_score_histograms.png", panels):
+            lines += ["", "![MSP and zero-shot MSP of ID vs OOD pool images](pool_score_histograms.png)", "",
+                      f"*pool_score_histograms.png* — pool images of round {hist_round}'s pseudo-label table, by ground "
+                      "truth: share (%) of each group per score bin; dashed lines are the decision thresholds."]
+
+    # --- pseudo-labels
     lines += ["", "## Pseudo-labels of the pool, per round", "",
               "| round | hard | soft | rejected (MSP ≤ c_ood) | OOD (zero-shot filter) | coverage | precision | OOD admitted |",
               "|---|---|---|---|---|---|---|---|"]
@@ -54,8 +352,39 @@ def write_report(run_dir: str | Path) -> dict:
             lines.append(f"| {m['round']} | {c['hard']} | {c['soft']} | {c['rejected']} | {c['ood']} | "
                          f"{_pct(p.get('coverage'))} | {_pct(p.get('precision'))} | "
                          f"{p.get('ood_admitted', '–')} / {p.get('ood_total', '–')} |")
+    lines += ["", "Coverage = accepted ID images / ID images in the pool; precision = right / accepted, an admitted OOD "
+              "image counting as wrong; – = nothing accepted."]
+    tertiles = {k: final["test"]["tertiles"][k]["classes"] for k in TERTILES}
+    series = _pseudo_label_series(rounds, tertiles)
+    if not series["rounds"]:
+        lines += ["", "The pool has no ground truth: pseudo-label precision and coverage cannot be measured."]
+    else:
+        if plot("pseudo_labels_by_round.png", plots.pseudo_labels_by_round, out / "pseudo_labels_by_round.png",
+                series["rounds"], series["overall"], series["precision"], series["coverage"]):
+            lines += ["", "![Pseudo-label precision and coverage by round](pseudo_labels_by_round.png)", "",
+                      "*pseudo_labels_by_round.png* — left: precision and coverage (%) of the accepted pseudo-labels "
+                      "and the share of the pool's OOD images admitted; right: the same, class-averaged within each "
+                      "frequency tertile (a tertile with no accepted image has no precision point)."]
+        last = _last_with(rounds, lambda m: "precision_per_class" in (m.get("pseudo_labels") or {}))
+        if labeled is not None and last is not None and plot(
+                "pseudo_labels_by_class.png", plots.pseudo_labels_by_class, out / "pseudo_labels_by_class.png", names,
+                last["pseudo_labels"]["precision_per_class"], last["pseudo_labels"]["recall_per_class"], labeled,
+                last["round"]):
+            lines += ["", "![Pseudo-label precision and coverage by class frequency](pseudo_labels_by_class.png)", "",
+                      f"*pseudo_labels_by_class.png* — round {last['round']}: per-class precision (by pseudo-label) "
+                      "and coverage (by true class), classes sorted by labeled count."]
+
     lines += ["", "## Quarantine", "",
               ("No undecodable images." if not quarantined else
                ", ".join(f"{split}: {n} images (list in quarantine/{split}.jsonl)" for split, n in quarantined.items()))]
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
+    for stale in set(PLOTS) - set(written):
+        (out / stale).unlink(missing_ok=True)
+
+    summary = {"run_dir": str(run_dir), "class_names": names, "rounds": rounds, "final": final,
+               "empty_groups": {k: rules[k] for k in empty}, "worst_classes": worst_summary,
+               "quarantined": quarantined, "plots": {name: PLOTS[name] for name in written}, "notes": notes}
+    write_json_atomic(out / "metrics.json", summary)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -1,27 +1,205 @@
-"""Parameter-efficient adapters on the image tower, behind one `apply_adapter(visual, peft_cfg)`."""
+"""Parameter-efficient adapters on the image tower, behind one `apply_adapter(visual, peft_cfg)`, and their files.
+
+Methods (`peft.method`): lora (peft), adaptformer, vpt (deep), bitfit (block biases), ln (block LayerNorms),
+full (every tower weight), none (frozen tower: linear probing). `peft.layers` picks the blocks (None = all).
+
+Files under <checkpoint>/adapter/: lora keeps peft's own format (adapter_model.safetensors +
+adapter_config.json); the other methods store their trainable tensors (full: the whole tower state) under
+their `visual.state_dict()` names in adapter_model.safetensors, with our adapter_config.json (method +
+hyperparameters). `none` writes no adapter directory.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 ADAPTER_DIR = "adapter"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+METHODS = ("lora", "adaptformer", "vpt", "bitfit", "ln", "full", "none")
+FORMAT = "loft_dist"
 
 
-def apply_adapter(visual: nn.Module, peft_cfg) -> nn.Module:
-    """Wrap the frozen image tower with the configured adapter; only adapter parameters require grad."""
-    if peft_cfg.method == "none":
-        return visual
-    if peft_cfg.method == "lora":
+@dataclass
+class AdapterSpec:
+    """What `apply_adapter` did to a tower: the method, its resolved hyperparameters, its own parameter names."""
+
+    method: str
+    hparams: dict = field(default_factory=dict)
+    names: tuple = ()  # state-dict names of the adapter's tensors (non-peft methods; full: every tensor)
+
+
+def apply_adapter(visual: nn.Module, peft_cfg, num_classes: Optional[int] = None) -> nn.Module:
+    """Freeze the image tower and add the configured adapter; only adapter parameters require grad.
+
+    `num_classes` is needed only by the automatic bottleneck (`peft.r: 0`, lora and adaptformer).
+    Returns the tower to use (a PeftModel for lora, the same module otherwise); `adapter_spec` describes it.
+    """
+    method = peft_cfg.method
+    if method not in METHODS:
+        raise ValueError(f"peft.method={method!r} is not supported; one of: {', '.join(METHODS)}")
+    visual.requires_grad_(False)
+    blocks = visual.transformer.resblocks
+    layers = _resolve_layers(peft_cfg.layers, len(blocks))
+
+    if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
-                            target_modules=list(peft_cfg.target_modules), bias="none")
-        return get_peft_model(visual, config)
-    raise ValueError(f"peft.method={peft_cfg.method!r} is not supported; one of: lora, none")
+        r = _bottleneck(peft_cfg, num_classes, len(blocks))
+        partial = layers != list(range(len(blocks)))
+        config = LoraConfig(r=r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
+                            target_modules=list(peft_cfg.target_modules), bias="none",
+                            layers_to_transform=layers if partial else None,
+                            layers_pattern="resblocks" if partial else None)
+        visual = get_peft_model(visual, config)
+        visual.loft_adapter = AdapterSpec("lora", {"r": r, "layers": layers})
+        return visual
+
+    hparams: dict = {"layers": layers}
+    if method == "adaptformer":
+        from loft_dist.models.adaptformer import add_adaptformer
+
+        r = _bottleneck(peft_cfg, num_classes, len(blocks))
+        for i in layers:
+            add_adaptformer(blocks[i], r)
+        hparams["r"] = r
+        names = [n for n, _ in visual.named_parameters() if ".adaptformer." in n]
+    elif method == "vpt":
+        from loft_dist.models.vpt import add_deep_prompts
+
+        add_deep_prompts(visual, peft_cfg.vpt_tokens, layers)
+        hparams["vpt_tokens"] = peft_cfg.vpt_tokens
+        names = ["transformer.vpt_prompts"]
+    elif method == "bitfit":
+        # LIFT's bias tuning: every bias inside the blocks, LayerNorm biases included.
+        names = [f"transformer.resblocks.{i}.{n}" for i in layers
+                 for n, _ in blocks[i].named_parameters() if n.endswith("bias")]
+    elif method == "ln":
+        names = [f"transformer.resblocks.{i}.{m}.{n}" for i in layers
+                 for m, mod in blocks[i].named_modules() if isinstance(mod, nn.LayerNorm)
+                 for n, _ in mod.named_parameters(recurse=False)]
+    elif method == "full":
+        hparams = {}
+        names = list(visual.state_dict())
+    else:  # none
+        hparams, names = {}, []
+
+    params = dict(visual.named_parameters())
+    for n in names:
+        if n in params:
+            params[n].requires_grad_(True)
+    visual.loft_adapter = AdapterSpec(method, hparams, tuple(names))
+    return visual
+
+
+def adapter_spec(visual: nn.Module) -> AdapterSpec:
+    spec = getattr(visual, "loft_adapter", None)
+    if spec is None:
+        raise ValueError("this image tower did not go through apply_adapter; build it with build_classifier")
+    return spec
 
 
 def adapter_state(visual: nn.Module) -> dict | None:
-    """The adapter's own tensors (peft format), or None when the tower has no adapter."""
-    from peft import PeftModel, get_peft_model_state_dict
+    """The tensors a checkpoint stores for the tower's adapter (lora: peft's state dict), or None for `none`."""
+    spec = adapter_spec(visual)
+    if spec.method == "none":
+        return None
+    if spec.method == "lora":
+        from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(visual) if isinstance(visual, PeftModel) else None
+        return get_peft_model_state_dict(visual)
+    state = visual.state_dict()
+    return {n: state[n] for n in spec.names}
+
+
+def save_adapter(visual: nn.Module, directory: str | Path) -> None:
+    """Write <directory>/adapter/ for the tower's adapter (nothing for `none`)."""
+    spec = adapter_spec(visual)
+    if spec.method == "none":
+        return
+    d = Path(directory) / ADAPTER_DIR
+    if spec.method == "lora":
+        visual.save_pretrained(str(d))
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.detach().contiguous().cpu() for n, t in adapter_state(visual).items()}, str(d / WEIGHTS_FILE))
+    (d / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "method": spec.method, **spec.hparams}, indent=2))
+
+
+def load_adapter(visual: nn.Module, directory: str | Path) -> None:
+    """Load <directory>/adapter/ into a tower built with the same peft config; raise on any mismatch."""
+    spec = adapter_spec(visual)
+    d = Path(directory) / ADAPTER_DIR
+    saved = _saved_config(d)
+    saved_method = saved.get("method", "none")
+    if saved_method != spec.method:
+        raise ValueError(f"checkpoint {directory} holds a {saved_method!r} adapter but peft.method={spec.method!r}; "
+                         f"set peft to the config the checkpoint was trained with")
+    if spec.method == "none":
+        return
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found; the checkpoint's adapter directory is incomplete")
+    tensors = load_file(str(weights))
+
+    if spec.method == "lora":
+        from peft import set_peft_model_state_dict
+
+        if saved.get("r") != spec.hparams["r"]:
+            raise ValueError(f"{d}: LoRA rank {saved.get('r')} in the checkpoint, {spec.hparams['r']} in peft.r")
+        result = set_peft_model_state_dict(visual, tensors)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{weights} does not match peft config (unexpected keys: {unexpected[:3]}...)")
+        return
+
+    differ = {k: (saved.get(k), v) for k, v in spec.hparams.items() if saved.get(k) != v}
+    if differ:
+        raise ValueError(f"{d}: adapter hyperparameters differ (checkpoint, config): {differ}")
+    missing, unexpected = set(spec.names) - set(tensors), set(tensors) - set(spec.names)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match the {spec.method} adapter (missing: {sorted(missing)[:3]}, "
+                         f"unexpected: {sorted(unexpected)[:3]})")
+    visual.load_state_dict(tensors, strict=spec.method == "full")
+
+
+def _saved_config(d: Path) -> dict:
+    """Our adapter_config.json as is; peft's is read as method lora; no directory means `none`."""
+    path = d / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    if config.get("format") == FORMAT:
+        return config
+    if str(config.get("peft_type", "")).upper() == "LORA":
+        return {"method": "lora", "r": config.get("r")}
+    raise ValueError(f"{path} is neither a loft_dist nor a peft LoRA adapter config")
+
+
+def _resolve_layers(layers, n_blocks: int) -> list[int]:
+    if layers is None:
+        return list(range(n_blocks))
+    if len(layers) == 0:
+        raise ValueError("peft.layers=[] selects no block; use null for every block")
+    bad = [i for i in layers if not 0 <= int(i) < n_blocks]
+    if bad:
+        raise ValueError(f"peft.layers={list(layers)} names blocks {bad} but the image tower has {n_blocks} "
+                         f"(0..{n_blocks - 1})")
+    return sorted({int(i) for i in layers})
+
+
+def _bottleneck(peft_cfg, num_classes: Optional[int], n_layers: int) -> int:
+    if peft_cfg.r > 0:
+        return int(peft_cfg.r)
+    if not num_classes:
+        raise ValueError("peft.r=0 (automatic bottleneck) needs the number of classes: "
+                         "apply_adapter(visual, peft_cfg, num_classes=C)")
+    from loft_dist.models.adaptformer import auto_bottleneck
+
+    return auto_bottleneck(num_classes, n_layers)

@@ -1,7 +1,8 @@
 """Checkpoint format shared by training, scoring and export (DESIGN §3), loadable without Ray.
 
-<dir>/adapter/{adapter_config.json, adapter_model.safetensors} (peft), <dir>/head.safetensors,
-<dir>/train_state.json. Everything is read with safetensors; nothing is unpickled.
+<dir>/adapter/{adapter_config.json, adapter_model.safetensors} (lora: peft's format; other methods: ours, see
+models/adapters.py; none: no adapter dir), <dir>/head.safetensors, <dir>/train_state.json.
+Everything is read with safetensors; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from loft_dist.models.adapters import ADAPTER_DIR
+from loft_dist.models.adapters import load_adapter, save_adapter
 from loft_dist.models.clip import ClipClassifier, build_classifier
 
 HEAD_FILE = "head.safetensors"
@@ -21,10 +22,7 @@ STATE_FILE = "train_state.json"
 def save_weights(model: ClipClassifier, directory: str | Path, state: dict | None = None) -> None:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    from peft import PeftModel
-
-    if isinstance(model.visual, PeftModel):
-        model.visual.save_pretrained(str(d / ADAPTER_DIR))
+    save_adapter(model.visual, d)
     save_file({"weight": model.head.weight.detach().contiguous().cpu()}, str(d / HEAD_FILE))
     if state is not None:
         (d / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -36,16 +34,7 @@ def load_weights(model: ClipClassifier, directory: str | Path) -> ClipClassifier
     head_path = d / HEAD_FILE
     if not head_path.is_file():
         raise FileNotFoundError(f"{head_path} not found: {d} is not a loft_dist checkpoint")
-    from peft import PeftModel, set_peft_model_state_dict
-
-    if isinstance(model.visual, PeftModel):
-        adapter = d / ADAPTER_DIR / "adapter_model.safetensors"
-        if not adapter.is_file():
-            raise FileNotFoundError(f"{adapter} not found; the checkpoint was saved without the adapter that peft.method names")
-        result = set_peft_model_state_dict(model.visual, load_file(str(adapter)))
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"{adapter} does not match peft config (unexpected keys: {unexpected[:3]}...)")
+    load_adapter(model.visual, d)
     model.head.weight.data.copy_(load_file(str(head_path))["weight"])
     return model
 
