@@ -28,6 +28,19 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", help="key=value overrides")
     rep = sub.add_parser("report", help="(re)write report/ of a run dir")
     rep.add_argument("run_dir")
+    exp = sub.add_parser("export", help="copy one round's model (adapter + head) with export.json and a model card")
+    exp.add_argument("run_dir")
+    exp.add_argument("--round", type=int, default=None, help="round to export (default: the last completed)")
+    exp.add_argument("--out", required=True, help="export directory (new, empty, or an earlier export)")
+    pred = sub.add_parser("predict", help="classify image files with an export (no Ray, no run dir)")
+    pred.add_argument("export_dir")
+    pred.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    pred.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated text")
+    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    cmp_ = sub.add_parser("compare", help="side-by-side table and bar plot of the final rounds of several runs")
+    cmp_.add_argument("run_dirs", nargs="+")
+    cmp_.add_argument("--out", required=True, help="directory for compare.md, compare.json, compare.png")
     return p
 
 
@@ -42,6 +55,33 @@ def main(argv: list[str] | None = None) -> int:
 
             write_report(args.run_dir)
             print(os.path.join(args.run_dir, "report", "report.md"))
+            return 0
+        if args.command == "export":
+            from loft_dist.export import export_round
+
+            out = export_round(args.run_dir, args.out, args.round)
+            print(out)
+            return 0
+        if args.command == "predict":
+            import json
+
+            from loft_dist.export import predict
+
+            logging.getLogger().setLevel(logging.WARNING)  # stdout is the result; keep stderr to what needs reading
+            results = predict(args.export_dir, args.images, args.batch_size, args.device)
+            for r in results:
+                if args.json:
+                    print(json.dumps(r))
+                elif "error" in r:
+                    print(f"loft-dist: cannot read {r['path']}: {r['error']}", file=sys.stderr)
+                else:
+                    print(f"{r['path']}\t{r['class']}\t{r['probability']:.6f}")
+            return 1 if any("error" in r for r in results) else 0
+        if args.command == "compare":
+            from loft_dist.eval.report import compare_runs
+
+            compare_runs(args.run_dirs, args.out)
+            print(os.path.join(args.out, "compare.md"))
             return 0
         cfg = load_config(getattr(args, "config", None), args.overrides)
         if args.command == "prepare":

@@ -36,21 +36,36 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = ""  # dataset dir (labeled/ unlabeled/ test/ *.parquet + dataset.json); "" = <run dir>/data
+    root: str = ""  # dataset dir or URI (file://, s3://, …) with labeled/ unlabeled/ test/ + dataset.json; "" = <run dir>/data
     source: str = _choices("embedded", "cifar10", "cifar100", "imagefolder", "manifest")
-    source_path: str = ""  # where the source lives (CIFAR dir, ImageFolder root, manifest file)
+    source_path: str = ""  # where the source lives (CIFAR dir, ImageFolder root, manifest .csv/.parquet)
     image_size: int = 32  # the model's input size; images are resized to it
-    # Long-tail protocol (SPEC D.1): n_c = floor(N1 * gamma^(-c/(C-1))).
+    # Labeled/unlabeled protocol. lt (SPEC D.1): n_c = floor(N1 * gamma_l^(-c/(C-1))), pool m_c likewise from
+    # M1, gamma_u in the order of unlabeled_dist. percent (SPEC D.2): labeled_percent % of each class is
+    # labeled (round half up, at least 1), the rest of the class is the pool.
+    protocol: str = _choices("lt", "percent")
     n1: int = 40
     gamma_l: float = 10.0
     m1: int = 80
     gamma_u: float = 10.0
     unlabeled_dist: str = _choices("consistent", "uniform", "reversed")
-    labeled_in_unlabeled: bool = False  # the DARP/ACR split convention puts labeled images in the pool too
-    test_per_class: int = 40
-    ood_ratio: float = 0.25  # OOD images added to the pool, as a share of the ID pool size
-    ood_test: int = 200  # OOD images in the ood_test split (0 = no split)
-    rows_per_shard: int = 256
+    labeled_percent: float = 1.0  # a percentage: 1.0 = 1 % (LoFT's code writes the same as the fraction 0.01)
+    labeled_in_unlabeled: bool = False  # the DARP/ACR/LoFT code convention puts labeled images in the pool too
+    # Test split: official = the source's own test set (CIFAR's test batch; data.test_path for an ImageFolder
+    # tree or a manifest); carve = test_per_class images of each class taken from the training source;
+    # auto = official where the source has one, else carve.
+    test_source: str = _choices("auto", "official", "carve")
+    test_path: str = ""  # ImageFolder root or manifest of the official test set
+    test_per_class: int = 40  # carve only
+    # Open world: OOD images (true_label -1) mixed into the pool and, optionally, an ood_test split.
+    ood_source: str = _choices("generated", "cifar10", "cifar100", "imagefolder", "manifest")
+    ood_path: str = ""  # CIFAR dir, any directory of images (searched recursively, e.g. COCO train2017/), or manifest
+    ood_count: Optional[int] = None  # OOD images in the pool; None = ood_ratio decides; -1 = all the source holds
+    ood_ratio: float = 0.25  # OOD images in the pool as a share of the ID pool size (when ood_count is None)
+    ood_test: int = 200  # OOD images in the ood_test split (0 = no split); never the same images as the pool's
+    ood_image_size: int = 0  # side of generated OOD images; 0 = data.image_size (CIFAR configs: 32, like the ID images)
+    shard_mb: float = 128.0  # target shard size
+    rows_per_shard: int = 256  # cap on rows per shard: more shards = more parallel read tasks
     hflip: bool = False  # horizontal flips in the train views (off for digits; the paper configs turn it on)
 
 
@@ -76,6 +91,7 @@ class PeftConfig:
     # nn.MultiheadAttention ("attn": LoRA on the packed in_proj) and the MLP; out_proj alone gets no gradient.
     target_modules: list = field(default_factory=lambda: ["attn", "mlp.c_fc", "mlp.c_proj"])
     vpt_tokens: int = 10  # VPT-deep prompts per block (LIFT's default length)
+    init_seed: int = 0  # seeds the adapter's random init, so every worker and actor builds the same adapter
 
 
 @dataclass
@@ -102,6 +118,11 @@ class ScoringConfig:
     gpus_per_actor: float = 0.0
     torch_threads: int = 1
     cpus_per_data_task: float = 0.5  # Ray Data read/decode tasks feeding the actors
+    shards_per_chunk: int = 64  # resume granularity: a killed job redoes at most one chunk (0 = one chunk)
+    custom_resources: dict = field(default_factory=dict)  # e.g. {scorer: 0.01}: pins actors to scorer nodes
+    checkpoint: str = ""  # `loft-dist score`: the checkpoint dir that scores the pool ("" = zero-shot)
+    input: str = ""  # `loft-dist score`: a dir of Parquet image shards, or an image folder
+    output: str = ""  # `loft-dist score`: the table dir to write (resumable)
     view: str = _choices("clean", "weak")  # the teacher's view of the pool
     probs_topk: int = 0  # 0 = keep the full distribution; k > 0 keeps the renormalised top-k
 
@@ -124,6 +145,8 @@ class TrainConfig:
     unlabeled_view: str = _choices("strong", "weak", "clean")  # the student's view of accepted pool rows
     cpus_per_data_task: float = 0.5  # Ray Data decode/augment tasks feeding the workers
     shuffle_buffer: int = 256  # rows of local shuffle in each worker's stream (0 = off)
+    placement_strategy: str = _choices("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
+    custom_resources: dict = field(default_factory=dict)  # e.g. {trainer: 0.01}: pins workers to trainer nodes
     max_failures: int = 1
     num_to_keep: int = 2
 
@@ -220,11 +243,43 @@ def _check_values(cfg: Config) -> None:
     need(s.max_actors >= s.min_actors, "scoring.max_actors", s.max_actors, f">= scoring.min_actors ({s.min_actors})")
     need(s.cpus_per_actor > 0, "scoring.cpus_per_actor", s.cpus_per_actor, "> 0")
     need(s.batch_size >= 1, "scoring.batch_size", s.batch_size, "an integer >= 1")
+    # data.*
+    need(d.source == "embedded" or bool(d.source_path), "data.source_path", d.source_path,
+         f"data.source={d.source} reads from a path; set data.source_path to the "
+         + {"cifar10": "directory holding cifar-10-batches-py", "cifar100": "directory holding cifar-100-python",
+            "imagefolder": "ImageFolder root (<root>/<class>/<image>)"}.get(d.source, ".csv or .parquet manifest"))
     need(d.n1 >= 1, "data.n1", d.n1, "an integer >= 1")
+    need(d.m1 >= 0, "data.m1", d.m1, "an integer >= 0")
     need(d.gamma_l >= 1, "data.gamma_l", d.gamma_l, ">= 1 (the imbalance ratio n_1 / n_C)")
     need(d.gamma_u >= 1, "data.gamma_u", d.gamma_u, ">= 1 (use data.unlabeled_dist=reversed for a reversed pool)")
+    need(0 < d.labeled_percent <= 100, "data.labeled_percent", d.labeled_percent,
+         "a percentage in (0, 100]; 1.0 means 1 % of each class")
+    has_official_test = d.source in ("cifar10", "cifar100") or bool(d.test_path)
+    need(d.test_source != "official" or has_official_test, "data.test_source", d.test_source,
+         "the embedded digits have no official test set; use carve" if d.source == "embedded" else
+         f"data.source={d.source} needs data.test_path (ImageFolder root or manifest of the test set); or use carve")
+    need(not d.test_path or d.source in ("imagefolder", "manifest"), "data.test_path", d.test_path,
+         "only read for data.source=imagefolder|manifest (CIFAR's official test batch is found by itself)")
+    need(not d.test_path or d.test_source != "carve", "data.test_path", d.test_path,
+         "not read with data.test_source=carve; drop it or use data.test_source=official")
+    carves = d.test_source == "carve" or (d.test_source == "auto" and not has_official_test)
+    need(d.test_per_class >= 1 or not carves, "data.test_per_class", d.test_per_class,
+         "an integer >= 1 when the test split is carved from the source")
+    need(d.ood_source == "generated" or bool(d.ood_path), "data.ood_path", d.ood_path,
+         f"data.ood_source={d.ood_source} reads from a path; set data.ood_path")
+    need(not (d.ood_source == d.source and d.ood_path == d.source_path), "data.ood_path", d.ood_path,
+         "the OOD images must come from another source than the ID images (data.source_path)")
+    need(d.ood_count is None or d.ood_count >= -1, "data.ood_count", d.ood_count,
+         "null (use data.ood_ratio), -1 (every image of the OOD source) or a count >= 0")
+    need(d.ood_count != -1 or d.ood_source != "generated", "data.ood_count", d.ood_count,
+         "-1 (every image of the OOD source) needs a finite source; data.ood_source=generated makes any count")
     need(d.ood_ratio >= 0, "data.ood_ratio", d.ood_ratio, ">= 0")
+    need(d.ood_test >= 0, "data.ood_test", d.ood_test, "an integer >= 0 (0 = no ood_test split)")
+    need(d.ood_image_size == 0 or d.ood_image_size >= 8, "data.ood_image_size", d.ood_image_size,
+         "0 (= data.image_size) or >= 8 pixels")
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8 pixels")
+    need(d.shard_mb > 0, "data.shard_mb", d.shard_mb, "> 0 (megabytes per shard)")
+    need(d.rows_per_shard >= 1, "data.rows_per_shard", d.rows_per_shard, "an integer >= 1")
     need(cfg.rounds.num_rounds >= 0, "rounds.num_rounds", cfg.rounds.num_rounds, "an integer >= 0")
     need(cfg.eval.few_threshold <= cfg.eval.many_threshold, "eval.few_threshold", cfg.eval.few_threshold,
          f"at most eval.many_threshold ({cfg.eval.many_threshold})")

@@ -53,25 +53,51 @@ def digits_source() -> ArraySource:
     return ArraySource("sklearn_digits", images, d.target.astype(np.int64), list(DIGIT_NAMES))
 
 
-def ood_source(count: int, seed: int, size: int = 32) -> ArraySource:
-    """`count` OOD images: half random crops of scikit-learn's two sample photos, half generated textures."""
-    from sklearn.datasets import load_sample_images
+class GeneratedOOD:
+    """`count` OOD images made on demand: even indices are random crops of scikit-learn's two sample photos,
+    odd ones generated textures. Image i depends only on (seed, i), so nothing is held in memory and a
+    larger count keeps the images of a smaller one."""
 
-    rng = np.random.default_rng(seed)
-    photos = load_sample_images().images
-    out = []
-    for k in range(count):
-        if k % 2 == 0:
-            photo = photos[k // 2 % len(photos)]
-            side = int(rng.integers(size, 4 * size))
-            y = int(rng.integers(0, photo.shape[0] - side))
-            x = int(rng.integers(0, photo.shape[1] - side))
-            crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
-            out.append(np.asarray(crop))
-        else:
-            out.append(_texture(rng, size))
-    images = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
-    return ArraySource("ood_photos_textures", images, np.full(count, -1, np.int64), [])
+    name = "ood_photos_textures"
+    class_names: list = []
+
+    def __init__(self, count: int, seed: int, size: int = 32):
+        self.seed, self.size = int(seed), int(size)
+        self.labels = np.full(int(count), -1, np.int64)
+        self._photos = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"image index {i} out of range for {len(self)} generated OOD images")
+        rng = np.random.default_rng([self.seed, i])
+        if i % 2:
+            return _texture(rng, self.size)
+        if self._photos is None:
+            from sklearn.datasets import load_sample_images
+
+            self._photos = load_sample_images().images
+        photo = self._photos[i // 2 % len(self._photos)]
+        # Crops of 1-4 output sides, clamped so large outputs (224 px) still fit the 427x640 photos.
+        largest = min(4 * self.size, *photo.shape[:2])
+        side = int(rng.integers(min(self.size, largest), largest + 1))
+        y = int(rng.integers(0, photo.shape[0] - side + 1))
+        x = int(rng.integers(0, photo.shape[1] - side + 1))
+        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((self.size, self.size), Image.BILINEAR)
+        return np.asarray(crop)
+
+    def encoded(self, i: int) -> bytes:
+        return _png(self.image(int(i)))
+
+    def origin(self, i: int) -> str:
+        return f"{self.name}:seed={self.seed}:{i}"
+
+
+def ood_source(count: int, seed: int, size: int = 32) -> GeneratedOOD:
+    """`count` generated OOD images (photo crops and textures) of side `size`, made on demand."""
+    return GeneratedOOD(count, seed, size)
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:

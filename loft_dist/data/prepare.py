@@ -1,105 +1,307 @@
-"""`loft-dist prepare`: a source + the LT / open-world protocol → the dataset dir of DESIGN §3."""
+"""`loft-dist prepare`: a source + a split protocol (+ OOD images) → the dataset dir of DESIGN §3.
+
+Splits: labeled, unlabeled (the pool, OOD images mixed in), test, and ood_test when asked for.
+Ids are stable across re-runs and never collide: an image keeps its index in the source it comes
+from, offset by that source (training source i → i, official test set i → TEST_ID_OFFSET + i,
+OOD source i → OOD_ID_OFFSET + i).
+
+Bad records (labels out of range, unknown class names, missing files or columns, empty classes)
+stop the build with a SourceError that names the config key, the file and the record. Image
+bytes are stored as they are, undecodable ones included: those are quarantined when streamed
+(data/transforms.py `Decoder`, data/quarantine.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from pathlib import Path
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from loft_dist.config import Config
+from loft_dist.config import Config, DataConfig
 from loft_dist.data import protocol
-from loft_dist.data.store import SCHEMA_VERSION, read_dataset_info, write_json_atomic, write_split
+from loft_dist.data.sources import Source, SourceError
+from loft_dist.data.store import (SCHEMA_VERSION, SPLITS, read_dataset_info, remove_dataset_info, resolve_root,
+                                  split_exists, write_json_atomic, write_split)
 
 log = logging.getLogger(__name__)
-OOD_ID_OFFSET = 1 << 40  # OOD ids live apart from the ID source's indices, so ids stay stable and unique
+OOD_ID_OFFSET = 1 << 40
+TEST_ID_OFFSET = 1 << 41
+_NOT_CONTENT = ("root", "hflip")  # data keys that change no byte of the dataset
 
 
-def load_sources(cfg: Config):
-    """(ID source, OOD source factory) for data.source."""
-    from loft_dist.data import embedded
+def protocol_record(cfg: Config) -> dict:
+    """Everything that decides the dataset's content; dataset.json keeps it, and a rebuild is skipped when it matches."""
+    d = dataclasses.asdict(cfg.data)
+    return {**{k: v for k, v in d.items() if k not in _NOT_CONTENT}, "seed": cfg.run.seed}
 
-    d = cfg.data
+
+@contextlib.contextmanager
+def _reading(key: str, value: str, hint: str = ""):
+    """Prefix source errors with the config key that pointed there, so the user knows what to change."""
+    try:
+        yield
+    except SourceError as e:
+        raise SourceError(f"{key}={value}{hint}: {e}") from e
+    except pickle.UnpicklingError as e:  # the restricted CIFAR unpickler refusing a global
+        raise SourceError(f"{key}={value}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Sources
+
+
+def official_test(d: DataConfig) -> bool:
+    if d.test_source == "auto":
+        return d.source in ("cifar10", "cifar100") or bool(d.test_path)
+    return d.test_source == "official"
+
+
+def _check_no_empty_class(src: Source, where: str, what: str) -> None:
+    counts = np.bincount(src.labels, minlength=len(src.class_names))
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        c = int(empty[0])
+        raise SourceError(f"{where}: class {c} ({src.class_names[c]!r}) has no {what} images "
+                          f"({len(empty)} of {len(src.class_names)} classes are empty); every class needs images — "
+                          f"add some, or drop the class from the labels / class directories")
+
+
+def _align_classes(src: Source, class_names: list[str], where: str) -> Source:
+    """Relabel a test set whose classes are named (ImageFolder directories) by the training set's class indices."""
+    index = {n: k for k, n in enumerate(class_names)}
+    unknown = [n for n in src.class_names if n not in index]
+    if unknown:
+        shown = ", ".join(repr(n) for n in class_names[:5]) + (f", ... ({len(class_names)} in all)"
+                                                               if len(class_names) > 5 else "")
+        raise SourceError(f"{where}: class {unknown[0]!r} is not a class of the training set ({shown}); "
+                          f"rename or remove its directory")
+    mapping = np.asarray([index[n] for n in src.class_names], np.int64)
+    return Source(list(class_names), mapping[src.labels], src.encoded, src.origin)
+
+
+def load_train_source(d: DataConfig):
+    from loft_dist.data import embedded, sources
+
     if d.source == "embedded":
-        return embedded.digits_source(), embedded.ood_source
+        src = embedded.digits_source()
+    else:
+        with _reading("data.source_path", d.source_path):
+            if d.source in ("cifar10", "cifar100"):
+                src = sources.read_cifar(d.source_path, split="train", variant=d.source)
+            elif d.source == "imagefolder":
+                src = sources.read_image_folder(d.source_path)
+            else:
+                src = sources.read_manifest(d.source_path)
+    _check_no_empty_class(src, f"data.source_path={d.source_path or d.source}", "training")
+    return src
+
+
+def load_test_source(d: DataConfig, class_names: list[str]) -> Source:
     from loft_dist.data import sources
 
     if d.source in ("cifar10", "cifar100"):
-        return sources.read_cifar(d.source_path, split="train", variant=d.source), embedded.ood_source
-    if d.source == "imagefolder":
-        return sources.read_image_folder(d.source_path), embedded.ood_source
-    return sources.read_manifest(d.source_path), embedded.ood_source
+        with _reading("data.source_path", d.source_path, " (its official test batch; data.test_source=carve takes "
+                                                         "the test split from the training batches instead)"):
+            src = sources.read_cifar(d.source_path, split="test", variant=d.source)
+    else:
+        with _reading("data.test_path", d.test_path):
+            if d.source == "imagefolder":
+                src = _align_classes(sources.read_image_folder(d.test_path), class_names, d.test_path)
+            else:
+                src = sources.read_manifest(d.test_path, class_names=class_names)
+    _check_no_empty_class(src, f"data.test_path={d.test_path or d.source_path}", "test")
+    return src
 
 
-def _rows(src, indices, labeled: bool, id_offset: int = 0):
+def load_ood_source(d: DataConfig, count: int, seed: int):
+    """The OOD source; `count` is only used by the generated one (the others hold what they hold)."""
+    from loft_dist.data import embedded, sources
+
+    if d.ood_source == "generated":
+        return embedded.ood_source(count, seed=seed, size=d.ood_image_size or d.image_size)
+    with _reading("data.ood_path", d.ood_path):
+        if d.ood_source in ("cifar10", "cifar100"):
+            return sources.read_cifar(d.ood_path, split="train", variant=d.ood_source)
+        if d.ood_source == "imagefolder":
+            return sources.read_image_files(d.ood_path)
+        return sources.read_manifest(d.ood_path, labeled=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The plan: which source index goes to which split
+
+
+@dataclass
+class Plan:
+    train: object  # Source or the embedded ArraySource (same interface)
+    test: Optional[Source]  # None: the test split is carved from `train`
+    ood: Optional[object]
+    labeled: np.ndarray  # indices into train
+    unlabeled: np.ndarray  # indices into train (the ID part of the pool)
+    test_idx: np.ndarray  # indices into test (official) or train (carved)
+    ood_pool: np.ndarray  # indices into ood
+    ood_test: np.ndarray
+
+    @property
+    def test_source(self):
+        return self.test if self.test is not None else self.train
+
+
+def plan_splits(cfg: Config) -> Plan:
+    d, seed = cfg.data, cfg.run.seed
+    train = load_train_source(d)
+    names, labels = list(train.class_names), np.asarray(train.labels)
+    C = len(names)
+    test = load_test_source(d, names) if official_test(d) else None
+    carve = 0 if test is not None else d.test_per_class
+    if d.protocol == "lt":
+        n = protocol.long_tail_counts(d.n1, d.gamma_l, C)
+        m = protocol.unlabeled_counts(d.m1, d.gamma_u, C, d.unlabeled_dist)
+    else:
+        sizes = np.bincount(labels, minlength=C) - carve
+        small = np.flatnonzero(sizes < 1)
+        if len(small):
+            c = int(small[0])
+            raise SourceError(f"data.source_path={d.source_path}: class {c} ({names[c]!r}) has {sizes[c] + carve} "
+                              f"images, too few to carve {carve} test images and label one; lower data.test_per_class")
+        n, m = protocol.percent_counts(sizes.tolist(), d.labeled_percent)
+    try:
+        idx = protocol.split_long_tailed(labels, n, m, carve, d.labeled_in_unlabeled, seed)
+    except protocol.ClassTooSmall as e:
+        raise SourceError(f"data.source_path={d.source_path or d.source}: {e} (class {e.cls} is {names[e.cls]!r})") from e
+
+    n_pool = len(idx["unlabeled"])
+    want = d.ood_count if d.ood_count is not None else int(round(d.ood_ratio * n_pool))
+    ood, ood_pool, ood_test = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if want or d.ood_test:
+        ood = load_ood_source(d, count=max(want, 0) + d.ood_test, seed=seed + 1)
+        if want == -1:
+            want = len(ood) - d.ood_test
+        if want < 0 or want + d.ood_test > len(ood):
+            raise SourceError(f"data.ood_path={d.ood_path}: holds {len(ood)} images, the build needs {max(want, 0)} for "
+                              f"the pool (data.ood_count / data.ood_ratio) + {d.ood_test} for ood_test (data.ood_test), "
+                              f"all different; lower those or use a larger OOD source")
+        # A seeded draw without replacement: the pool's and ood_test's OOD images are never the same.
+        pick = np.random.default_rng(seed + 1).permutation(len(ood))[:want + d.ood_test]
+        ood_pool, ood_test = np.sort(pick[:want]), np.sort(pick[want:])
+    return Plan(train, test, ood, idx["labeled"], idx["unlabeled"], np.arange(len(test)) if test is not None
+                else idx["test"], ood_pool, ood_test)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def _rows(src, indices, *, labeled: bool = False, ood: bool = False, id_offset: int = 0):
     for i in indices:
         i = int(i)
-        true = int(src.labels[i])
+        true = -1 if ood else int(src.labels[i])
         yield {"id": id_offset + i, "image": src.encoded(i), "label": true if labeled else -1,
                "true_label": true, "source": src.origin(i)}
 
 
+def _pool_rows(plan: Plan, seed: int):
+    """ID pool and OOD rows in one seeded order, so every shard holds about the same OOD share."""
+    n_id = len(plan.unlabeled)
+    for k in np.random.default_rng(seed + 2).permutation(n_id + len(plan.ood_pool)):
+        if k < n_id:
+            yield from _rows(plan.train, [plan.unlabeled[k]])
+        else:
+            yield from _rows(plan.ood, [plan.ood_pool[k - n_id]], ood=True, id_offset=OOD_ID_OFFSET)
+
+
+def _per_class(labels: np.ndarray, idx: np.ndarray, C: int) -> list[int]:
+    return np.bincount(labels[idx], minlength=C).tolist() if len(idx) else [0] * C
+
+
+def _describe(d: DataConfig, plan: Plan) -> dict:
+    ood = None
+    if plan.ood is not None:
+        ood = f"{d.ood_source}:{d.ood_path}" if d.ood_path else f"generated ({d.ood_image_size or d.image_size} px)"
+    test = (f"official: {d.test_path or d.source_path}" if plan.test is not None
+            else f"carved: {d.test_per_class} per class from the training source")
+    return {"train": f"{d.source}:{d.source_path}" if d.source_path else d.source, "test": test, "ood": ood}
+
+
 def prepare_dataset(cfg: Config, force: bool = False) -> dict:
     """Build the dataset dir at cfg.data_root unless a complete one with the same protocol is there."""
-    d, root = cfg.data, str(Path(cfg.data_root).resolve())
-    wanted = {"source": d.source, "source_path": d.source_path, "n1": d.n1, "gamma_l": d.gamma_l, "m1": d.m1,
-              "gamma_u": d.gamma_u, "unlabeled_dist": d.unlabeled_dist,
-              "labeled_in_unlabeled": d.labeled_in_unlabeled, "test_per_class": d.test_per_class,
-              "ood_ratio": d.ood_ratio, "ood_test": d.ood_test, "seed": cfg.run.seed}
-    if not force and (Path(root) / "dataset.json").is_file():
-        info = read_dataset_info(root)
-        if info["protocol"] == wanted:
+    d = cfg.data
+    root = cfg.data_root
+    if "://" not in root:
+        root = str(resolve_root(root)[1])
+    wanted = protocol_record(cfg)
+    if not force:
+        try:
+            info = read_dataset_info(root)
+        except (FileNotFoundError, ValueError):
+            info = None
+        if info is not None and info.get("protocol") == wanted:
             log.info("dataset at %s is complete (dataset.json matches the protocol); not rebuilding", root)
             return info
-        log.info("dataset at %s was built with another protocol; rebuilding", root)
+        if info is not None:
+            log.info("dataset at %s was built with another protocol; rebuilding", root)
 
-    src, make_ood = load_sources(cfg)
-    C = len(src.class_names)
-    n = protocol.long_tail_counts(d.n1, d.gamma_l, C)
-    m = protocol.unlabeled_counts(d.m1, d.gamma_u, C, d.unlabeled_dist)
-    idx = protocol.split_long_tailed(np.asarray(src.labels), n, m, d.test_per_class, d.labeled_in_unlabeled,
-                                     cfg.run.seed)
-    n_ood = int(round(d.ood_ratio * len(idx["unlabeled"])))
-    ood = make_ood(n_ood + d.ood_test, seed=cfg.run.seed + 1, size=d.image_size)
-    # OOD rows are interleaved into the pool in a seeded order so no shard is all-OOD.
-    order = np.random.default_rng(cfg.run.seed + 2).permutation(len(idx["unlabeled"]) + n_ood)
+    plan = plan_splits(cfg)
+    C = len(plan.train.class_names)
+    train_labels = np.asarray(plan.train.labels)
+    test_labels = np.asarray(plan.test_source.labels)
+    counts = {"labeled": _per_class(train_labels, plan.labeled, C),
+              "unlabeled": _per_class(train_labels, plan.unlabeled, C),
+              "test": _per_class(test_labels, plan.test_idx, C)}
+    log.info("prepare %s: %d classes; labeled %d (per class %d..%d), pool %d ID + %d OOD, test %d (%s), ood_test %d",
+             root, C, len(plan.labeled), min(counts["labeled"]), max(counts["labeled"]), len(plan.unlabeled),
+             len(plan.ood_pool), len(plan.test_idx), "official" if plan.test is not None else "carved",
+             len(plan.ood_test))
 
-    def pool_rows():
-        id_rows = list(idx["unlabeled"])
-        for k in order:
-            if k < len(id_rows):
-                yield from _rows(src, [id_rows[k]], labeled=False)
-            else:
-                yield from _rows(ood, [k - len(id_rows)], labeled=False, id_offset=OOD_ID_OFFSET)
-
-    Path(root).mkdir(parents=True, exist_ok=True)
-    written = {
-        "labeled": write_split(_rows(src, idx["labeled"], labeled=True), root, "labeled", d.rows_per_shard),
-        "unlabeled": write_split(pool_rows(), root, "unlabeled", d.rows_per_shard),
-        "test": write_split(_rows(src, idx["test"], labeled=False), root, "test", d.rows_per_shard),
+    fs, base = resolve_root(root)
+    try:
+        fs.create_dir(base, recursive=True)
+        remove_dataset_info(root)  # from here on, an interrupted build leaves no dataset.json vouching for it
+    except OSError as e:
+        raise SourceError(f"data.root={root}: cannot write the dataset there ({e}); set data.root to a writable "
+                          f"directory or URI") from e
+    seed = cfg.run.seed
+    labeled_order = plan.labeled[np.random.default_rng(seed + 3).permutation(len(plan.labeled))]
+    test_offset = TEST_ID_OFFSET if plan.test is not None else 0
+    splits = {
+        "labeled": _rows(plan.train, labeled_order, labeled=True),
+        "unlabeled": _pool_rows(plan, seed),
+        "test": _rows(plan.test_source, plan.test_idx, id_offset=test_offset),
     }
-    if d.ood_test:
-        written["ood_test"] = write_split(_rows(ood, range(n_ood, n_ood + d.ood_test), labeled=False,
-                                                id_offset=OOD_ID_OFFSET), root, "ood_test", d.rows_per_shard)
-    labels = np.asarray(src.labels)
-
-    def per_class(ix):
-        return np.bincount(labels[ix], minlength=C).tolist() if len(ix) else [0] * C
+    if len(plan.ood_test):
+        splits["ood_test"] = _rows(plan.ood, plan.ood_test, ood=True, id_offset=OOD_ID_OFFSET)
+    written = {}
+    for split, rows in splits.items():
+        t0 = time.time()
+        written[split] = write_split(rows, root, split, d.rows_per_shard, target_mb=d.shard_mb)
+        w = written[split]
+        log.info("wrote %s: %d rows, %d shards, %.1f MB in %.1f s", split, w["rows"], w["shards"], w["bytes"] / 2**20,
+                 time.time() - t0)
+    for split in SPLITS:  # a split an earlier build wrote and this one does not (e.g. ood_test) must not linger
+        if split not in written and split_exists(root, split):
+            fs.delete_dir(f"{base}/{split}")
 
     info = {
         "schema_version": SCHEMA_VERSION,
-        "class_names": list(src.class_names),
-        "counts": {
-            "labeled": per_class(idx["labeled"]),
-            "unlabeled": per_class(idx["unlabeled"]),
-            "test": per_class(idx["test"]),
-        },
-        "ood_counts": {"unlabeled": n_ood, "ood_test": d.ood_test},
+        "class_names": list(plan.train.class_names),
+        "counts": counts,
+        "ood_counts": {"unlabeled": int(len(plan.ood_pool)), "ood_test": int(len(plan.ood_test))},
         "rows": {k: v["rows"] for k, v in written.items()},
+        "shards": {k: v["shards"] for k, v in written.items()},
+        "bytes": {k: v["bytes"] for k, v in written.items()},
         "protocol": wanted,
+        "sources": _describe(d, plan),
+        "id_offsets": {"test": test_offset, "ood": OOD_ID_OFFSET},
         "checksums": {f: h for v in written.values() for f, h in v["sha256"].items()},
     }
-    write_json_atomic(Path(root) / "dataset.json", info)
+    write_json_atomic(f"{root.rstrip('/')}/dataset.json", info)
     log.info("prepared %s: labeled %d, unlabeled %d (%d OOD), test %d, ood_test %d rows", root,
-             info["rows"]["labeled"], info["rows"]["unlabeled"], n_ood, info["rows"]["test"], d.ood_test)
+             info["rows"]["labeled"], info["rows"]["unlabeled"], len(plan.ood_pool), info["rows"]["test"],
+             info["rows"].get("ood_test", 0))
     return info

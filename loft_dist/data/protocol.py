@@ -1,4 +1,8 @@
-"""The long-tail split protocol of the LTSSL papers (SPEC D.1): per-class counts and index selection."""
+"""The labeled/unlabeled split protocols of the papers: per-class counts and index selection.
+
+lt (SPEC D.1, CIFAR-LT): labeled and pool counts fall off geometrically from N1 / M1.
+percent (SPEC D.2, ImageNet-127): a fixed share of each class is labeled, the rest is the pool.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +26,28 @@ def unlabeled_counts(m1: int, gamma_u: float, num_classes: int, dist: str) -> li
     return counts[::-1] if dist == "reversed" else counts
 
 
+def percent_counts(class_sizes: list[int], percent: float) -> tuple[list[int], list[int]]:
+    """(labeled, unlabeled) per class: round-half-up(percent/100 * N_c) labeled, at least 1 (a class without
+    labels has prior 0 and breaks the logit-adjusted loss); the rest of the class is unlabeled."""
+    labeled = [min(n, max(1, int(math.floor(n * percent / 100.0 + 0.5)))) for n in class_sizes]
+    return labeled, [n - k for n, k in zip(class_sizes, labeled)]
+
+
+class ClassTooSmall(ValueError):
+    """A class has fewer images than the protocol takes from it; `cls` is its index."""
+
+    def __init__(self, message: str, cls: int):
+        super().__init__(message)
+        self.cls = cls
+
+
 def split_long_tailed(labels: np.ndarray, labeled: list[int], unlabeled: list[int], test: int,
                       labeled_in_unlabeled: bool, seed: int) -> dict[str, np.ndarray]:
     """Pick indices per class: the first `test` of a seeded permutation go to test, then labeled, then unlabeled.
 
     With `labeled_in_unlabeled` (the DARP/ACR code convention) the pool is the first n_c + m_c of the
-    class, i.e. it also holds the labeled images. Raises ValueError naming the class that is too small.
+    class, i.e. it also holds the labeled images. Raises ClassTooSmall naming the class that is too small.
+    The seeded permutation (not the papers' "first n_c indices") lets a seed draw another split.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, list[np.ndarray]] = {"labeled": [], "unlabeled": [], "test": []}
@@ -36,8 +56,9 @@ def split_long_tailed(labels: np.ndarray, labeled: list[int], unlabeled: list[in
         idx = idx[rng.permutation(len(idx))]
         need = test + n_c + m_c
         if len(idx) < need:
-            raise ValueError(f"class {c} has {len(idx)} images but the protocol needs {need} "
-                             f"(test {test} + labeled {n_c} + unlabeled {m_c}); lower data.n1 / data.m1 / data.test_per_class")
+            raise ClassTooSmall(f"class {c} has {len(idx)} images but the protocol needs {need} "
+                                f"(test {test} + labeled {n_c} + unlabeled {m_c}); lower data.n1 / data.m1 / "
+                                f"data.test_per_class", c)
         out["test"].append(idx[:test])
         lab = idx[test:test + n_c]
         out["labeled"].append(lab)

@@ -8,6 +8,7 @@ time; file-backed sources read each file (or Parquet row group) only when asked.
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import os
@@ -19,13 +20,19 @@ from typing import Callable
 
 import numpy as np
 
+from loft_dist.config import ConfigError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-class SourceError(ValueError):
-    """A source is missing, malformed or inconsistent; the message says where and how to fix."""
+class SourceError(ConfigError):
+    """A source is missing, malformed or inconsistent; the message says where and how to fix.
+
+    A ConfigError (hence a ValueError): the config points at data that cannot be used, and the CLI
+    reports it as one line, like any other config problem.
+    """
 
 
 @dataclass
@@ -284,12 +291,7 @@ def read_image_folder(root: str | os.PathLike) -> Source:
     paths: list[str] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found.extend(
-                os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and _is_image(f)
-            )
+        found = _find_images(class_dir)
         if not found:
             raise SourceError(
                 f"class directory {class_dir} holds no images (extensions: "
@@ -306,6 +308,33 @@ def read_image_folder(root: str | os.PathLike) -> Source:
     )
 
 
+def _find_images(directory: Path) -> list[str]:
+    # Sorted at every level and never following hidden entries, so the order (and the ids built
+    # from it) is the same on every machine.
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and _is_image(f))
+    return found
+
+
+def read_image_files(root: str | os.PathLike) -> Source:
+    """Every image under `root`, recursively, without classes (labels -1): an out-of-distribution pool
+    such as COCO's flat train2017/ directory, or an ImageFolder tree whose classes do not matter."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"image directory {root} does not exist or is not a directory.")
+    paths = _find_images(root)
+    if not paths:
+        raise SourceError(f"image directory {root} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)}).")
+    return Source(
+        class_names=[],
+        labels=np.full(len(paths), -1, dtype=np.int64),
+        encoded=functools.partial(_read_file_bytes, paths),
+        origin=functools.partial(_list_item, paths),
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # CSV / Parquet manifests
 
@@ -313,37 +342,47 @@ def read_image_folder(root: str | os.PathLike) -> Source:
 class _ParquetImageColumn:
     """Reads one binary column of a Parquet file a row group at a time.
 
-    Only the row group holding the requested row is in memory, so streaming the source in
-    order reads each image once without loading the whole column.
+    Row groups stay in a least-recently-used cache of at most `cache_mb` MB: streaming the
+    source in order reads each image once, and `prepare`'s shuffled order still reads each
+    row group once for manifests up to the cache size (larger ones are re-read; see prepare).
     """
 
-    def __init__(self, path: str, column: str):
-        self.path = path
-        self.column = column
-        self._file = None
-        self._cached = (-1, None)
+    def __init__(self, path: str, column: str, cache_mb: float = 512):
         import pyarrow.parquet as pq
 
+        self.path = path
+        self.column = column
+        self.cache_bytes = int(cache_mb * 2**20)
         meta = pq.ParquetFile(path).metadata
         self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self.__setstate__(self.__getstate__())
 
     def __getstate__(self):
         # An open file handle does not pickle; it is reopened on first use.
-        return {"path": self.path, "column": self.column, "starts": self.starts}
+        return {"path": self.path, "column": self.column, "starts": self.starts, "cache_bytes": self.cache_bytes}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _file=None, _cached=(-1, None))
+        self.__dict__.update(state, _file=None, _groups=collections.OrderedDict(), _held=0)
 
-    def __call__(self, i: int) -> bytes:
+    def _group(self, g: int):
         import pyarrow.parquet as pq
 
+        if g in self._groups:
+            self._groups.move_to_end(g)
+            return self._groups[g]
+        if self._file is None:
+            self._file = pq.ParquetFile(self.path)
+        col = self._file.read_row_group(g, columns=[self.column]).column(0)
+        self._groups[g] = col
+        self._held += col.nbytes
+        while self._held > self.cache_bytes and len(self._groups) > 1:
+            self._held -= self._groups.popitem(last=False)[1].nbytes
+        return col
+
+    def __call__(self, i: int) -> bytes:
         i = _check_index(i, int(self.starts[-1]))
         g = int(np.searchsorted(self.starts, i, side="right")) - 1
-        if self._cached[0] != g:
-            if self._file is None:
-                self._file = pq.ParquetFile(self.path)
-            self._cached = (g, self._file.read_row_group(g, columns=[self.column]).column(0))
-        value = self._cached[1][i - int(self.starts[g])].as_py()
+        value = self._group(g)[i - int(self.starts[g])].as_py()
         if value is None:
             raise SourceError(
                 f"{self.path}: record {i} has an empty '{self.column}'; give every row image bytes."
@@ -444,13 +483,14 @@ def _resolve_image_paths(values: list, path: Path, column: str, is_csv: bool) ->
     return resolved
 
 
-def read_manifest(path: str | os.PathLike, class_names: list[str] | None = None) -> Source:
+def read_manifest(path: str | os.PathLike, class_names: list[str] | None = None, labeled: bool = True) -> Source:
     """Read a CSV or Parquet table of images with columns `path,label` or `image,label`.
 
     `path` (or `image` in CSV, or a string `image` in Parquet) is a file path, relative paths
     resolved against the manifest's directory; a binary `image` column in Parquet holds the
     encoded bytes. `label` is an int class index or a class name; names are mapped through
     `class_names`, or through the sorted unique names when `class_names` is None.
+    With `labeled=False` (an out-of-distribution pool) `label` is not needed and every label is -1.
     """
     path = Path(path)
     if not path.is_file():
@@ -459,14 +499,15 @@ def read_manifest(path: str | os.PathLike, class_names: list[str] | None = None)
     is_csv = csv_values is not None
 
     image_col = "image" if "image" in columns else "path" if "path" in columns else None
-    if image_col is None or "label" not in columns:
+    if image_col is None or (labeled and "label" not in columns):
+        needed = "'path,label' or 'image,label'" if labeled else "'path' or 'image'"
         raise SourceError(
-            f"manifest {path}: needs columns 'path,label' or 'image,label', found columns "
-            f"{columns}; rename the columns accordingly."
+            f"manifest {path}: needs columns {needed}, found columns {columns}; rename the columns accordingly."
         )
 
     if is_csv:
-        label_values, image_values, image_bytes = csv_values["label"], csv_values[image_col], False
+        label_values, image_values, image_bytes = csv_values.get("label"), csv_values[image_col], False
+        num_rows = len(image_values)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -478,12 +519,16 @@ def read_manifest(path: str | os.PathLike, class_names: list[str] | None = None)
                 f"manifest {path}: column '{image_col}' has type {image_type}; use binary "
                 f"(encoded image bytes) or string (file paths)."
             )
-        read_cols = ["label"] if image_bytes else ["label", image_col]
+        read_cols = (["label"] if labeled else []) + ([] if image_bytes else [image_col])
         table = pq.read_table(path, columns=read_cols)
-        label_values = table.column("label").to_pylist()
+        num_rows = pq.ParquetFile(path).metadata.num_rows
+        label_values = table.column("label").to_pylist() if labeled else None
         image_values = None if image_bytes else table.column(image_col).to_pylist()
 
-    labels, class_names = _labels_from_values(label_values, path, is_csv, class_names)
+    if labeled:
+        labels, class_names = _labels_from_values(label_values, path, is_csv, class_names)
+    else:
+        labels, class_names = np.full(num_rows, -1, dtype=np.int64), []
 
     if image_bytes:
         encoded = _ParquetImageColumn(str(path), image_col)

@@ -1,16 +1,21 @@
-"""The sharded Parquet image store of DESIGN §3: atomic shard writing, dataset.json, Ray Data readers."""
+"""The sharded Parquet image store of DESIGN §3: atomic shard writing, dataset.json, Ray Data readers.
+
+A dataset root is a local path or any URI pyarrow understands (`file://…`, `s3://…`, `gs://…`).
+Shards are zstd Parquet files of about `target_mb` each (and at most `rows_per_shard` rows),
+written one row group at a time, so neither writing nor reading ever holds a whole split.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -22,65 +27,214 @@ IMAGE_SCHEMA = pa.schema([
     ("true_label", pa.int32()),  # ground truth where known, -1 = OOD; evaluation only
     ("source", pa.string()),
 ])
+ROW_GROUP_MB = 16  # bounds what a reader decompresses at once, whatever the shard size
+_ROW_OVERHEAD = 64  # bytes per row besides the image (ids, labels, source string), for the size estimate
 
 
-def _rows_to_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+# ---------------------------------------------------------------------------------------
+# Roots: local paths and filesystem URIs
 
 
-def write_split(rows: Iterable[dict], root: str, split: str, rows_per_shard: int) -> dict:
-    """Write rows as zstd Parquet shards under root/split, atomically (temp dir, then rename).
+def resolve_root(root: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) of a dataset root; a plain path is local and made absolute."""
+    root = str(root)
+    if "://" not in root:
+        return pafs.LocalFileSystem(), os.path.abspath(root)
+    return pafs.FileSystem.from_uri(root)
 
-    Returns {"rows", "shards", "sha256": {file: digest}}. Only the current batch of rows is held in memory.
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def _join(root: str, *parts: str) -> str:
+    """Child of a root in the root's own spelling (URI or path), for messages and for readers."""
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+def _exists(fs: pafs.FileSystem, path: str, kind=pafs.FileType.File) -> bool:
+    return fs.get_file_info(path).type == kind
+
+
+def split_exists(root: str, split: str) -> bool:
+    fs, base = resolve_root(root)
+    return _exists(fs, f"{base}/{split}", pafs.FileType.Directory)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+class _HashingSink:
+    """File-like sink that digests what the Parquet writer writes, so checksums cost no second read."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.size, self.closed = raw, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha256.update(data)
+        self.raw.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+            self.closed = True
+
+
+class _ShardWriter:
+    """Rows → part-NNNNN.parquet files in one directory, cut by size and row count."""
+
+    def __init__(self, fs: pafs.FileSystem, directory: str, rows_per_shard: int, target_mb: Optional[float]):
+        self.fs, self.dir = fs, directory
+        self.max_rows = rows_per_shard
+        self.max_bytes = int(target_mb * 2**20) if target_mb else None
+        group_mb = min(ROW_GROUP_MB, target_mb) if target_mb else ROW_GROUP_MB
+        self.group_bytes = int(group_mb * 2**20)
+        self.shards: dict[str, str] = {}  # file name → sha256
+        self.rows = 0
+        self._writer = self._sink = None
+        self._shard_rows = self._shard_bytes = 0
+        self._group: list[dict] = []
+        self._group_bytes = 0
+
+    def add(self, row: dict) -> None:
+        size = len(row["image"] or b"") + _ROW_OVERHEAD
+        if self._shard_rows and (self._shard_rows >= self.max_rows
+                                 or (self.max_bytes and self._shard_bytes + size > self.max_bytes)):
+            self._close_shard()
+        self._group.append(row)
+        self._group_bytes += size
+        self._shard_rows += 1
+        self._shard_bytes += size
+        self.rows += 1
+        if self._group_bytes >= self.group_bytes:
+            self._flush_group()
+
+    def _open_shard(self) -> None:
+        self._name = f"part-{len(self.shards):05d}.parquet"
+        self._sink = _HashingSink(self.fs.open_output_stream(f"{self.dir}/{self._name}"))
+        self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), IMAGE_SCHEMA, compression="zstd")
+
+    def _flush_group(self) -> None:
+        if not self._group:
+            return
+        if self._writer is None:
+            self._open_shard()
+        self._writer.write_table(pa.Table.from_pylist(self._group, schema=IMAGE_SCHEMA))
+        self._group, self._group_bytes = [], 0
+
+    def _close_shard(self) -> None:
+        self._flush_group()
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self.shards[self._name] = self._sink.sha256.hexdigest()
+        self._writer = self._sink = None
+        self._shard_rows = self._shard_bytes = 0
+
+    def finish(self) -> None:
+        if not self.rows:  # an empty split still gets one (empty) shard, so readers see its schema
+            self._open_shard()
+            self._writer.write_table(IMAGE_SCHEMA.empty_table())
+        self._close_shard()
+
+    def abort(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+
+
+def write_split(rows: Iterable[dict], root: str, split: str, rows_per_shard: int,
+                target_mb: Optional[float] = None) -> dict:
+    """Write rows as zstd Parquet shards under root/split, atomically, and return
+    {"rows", "shards", "bytes", "sha256": {"split/part-NNNNN.parquet": digest}}.
+
+    Shards close at `target_mb` MB of image bytes or `rows_per_shard` rows, whichever comes first.
+    Shards go to a temp directory first. On a local filesystem the directory is renamed into place
+    (atomic); object stores cannot rename a directory, so there the files are moved one by one and
+    dataset.json, written last by `prepare`, is what makes the build count.
     """
-    final = Path(root) / split
-    tmp = Path(root) / f".{split}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    shards, total, buf = [], 0, []
-
-    def flush() -> None:
-        nonlocal buf
-        name = f"part-{len(shards):05d}.parquet"
-        pq.write_table(_rows_to_table(buf), tmp / name, compression="zstd")
-        shards.append(name)
-        buf = []
-
-    for row in rows:
-        buf.append(row)
-        total += 1
-        if len(buf) >= rows_per_shard:
-            flush()
-    if buf or not shards:
-        flush()
-    digests = {f"{split}/{n}": _sha256(tmp / n) for n in shards}
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return {"rows": total, "shards": len(shards), "sha256": digests}
+    fs, base = resolve_root(root)
+    final = f"{base}/{split}"
+    tmp = f"{base}/.{split}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(tmp, recursive=True)
+    writer = _ShardWriter(fs, tmp, rows_per_shard, target_mb)
+    try:
+        for row in rows:
+            writer.add(row)
+        writer.finish()
+        _commit_dir(fs, tmp, final)
+    except BaseException:
+        writer.abort()
+        if _exists(fs, tmp, pafs.FileType.Directory):
+            fs.delete_dir(tmp)
+        raise
+    sizes = sum(i.size for i in fs.get_file_info(pafs.FileSelector(final)) if i.type == pafs.FileType.File)
+    return {"rows": writer.rows, "shards": len(writer.shards), "bytes": sizes,
+            "sha256": {f"{split}/{name}": digest for name, digest in writer.shards.items()}}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _commit_dir(fs: pafs.FileSystem, tmp: str, final: str) -> None:
+    if _is_local(fs):
+        # Two renames keep the window without a split to an instant; the old split is deleted after.
+        old = None
+        if os.path.exists(final):
+            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old:
+            fs.delete_dir(old)
+        return
+    if _exists(fs, final, pafs.FileType.Directory):
+        fs.delete_dir(final)
+    fs.create_dir(final, recursive=True)
+    for info in fs.get_file_info(pafs.FileSelector(tmp)):
+        fs.move(info.path, f"{final}/{info.base_name}")
+    fs.delete_dir(tmp)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
+def write_json_atomic(path, obj) -> None:
+    """Write JSON in one step: temp file + rename locally, one object PUT (atomic by itself) on an object store."""
+    text = json.dumps(obj, indent=2, allow_nan=False)
+    fs, p = resolve_root(str(path))
+    if not _is_local(fs):
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+        return
+    path = Path(p)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def remove_dataset_info(root: str) -> None:
+    """Withdraw dataset.json before a rebuild, so an interrupted build is never taken for a complete one."""
+    fs, base = resolve_root(root)
+    if _exists(fs, f"{base}/dataset.json"):
+        fs.delete_file(f"{base}/dataset.json")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
 def read_dataset_info(root: str) -> dict:
-    p = Path(root) / "dataset.json"
-    if not p.is_file():
+    fs, base = resolve_root(root)
+    p = _join(root, "dataset.json")
+    if not _exists(fs, f"{base}/dataset.json"):
         raise FileNotFoundError(f"{p} not found: {root} is not a prepared dataset; run `loft-dist prepare CONFIG` "
                                 f"(or set data.root to a dataset dir holding dataset.json)")
-    info = json.loads(p.read_text())
+    with fs.open_input_stream(f"{base}/dataset.json") as f:
+        info = json.loads(f.read().decode())
     if info.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{p} has schema_version {info.get('schema_version')}, this loft_dist reads {SCHEMA_VERSION}; "
                          f"re-run `loft-dist prepare`")
@@ -88,28 +242,40 @@ def read_dataset_info(root: str) -> dict:
 
 
 def shard_paths(root: str, split: str) -> list[str]:
-    d = Path(root) / split
-    files = sorted(str(p) for p in d.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no Parquet shards in {d}; re-run `loft-dist prepare` for this dataset")
-    return files
+    """The split's shard files, sorted, spelt like the root (local paths, or URIs for a URI root)."""
+    fs, base = resolve_root(root)
+    d = f"{base}/{split}"
+    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    if not names:
+        raise FileNotFoundError(f"no Parquet shards in {_join(root, split)}; re-run `loft-dist prepare` for this dataset")
+    if _is_local(fs):
+        return [f"{d}/{n}" for n in names]
+    return [_join(root, split, n) for n in names]
+
+
+def _open_parquet(path: str) -> pq.ParquetFile:
+    fs, p = resolve_root(path)
+    return pq.ParquetFile(fs.open_input_file(p))
 
 
 def count_rows(paths: list[str]) -> int:
     """Row count from Parquet footers only (no data read)."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    return sum(_open_parquet(p).metadata.num_rows for p in paths)
 
 
 def read_split(root: str, split: str, columns: Optional[list[str]] = None):
-    """A streaming ray.data.Dataset over one split's shards, one block per shard."""
+    """A streaming ray.data.Dataset over one split's shards, one read task per shard."""
     import ray.data
 
     paths = shard_paths(root, split)
-    return ray.data.read_parquet(paths, columns=columns, override_num_blocks=len(paths))
+    fs, _ = resolve_root(root)
+    return ray.data.read_parquet([resolve_root(p)[1] for p in paths], filesystem=fs, columns=columns,
+                                 override_num_blocks=len(paths))
 
 
 def iter_table_rows(paths: list[str], columns: list[str], batch_rows: int = 4096) -> Iterator[dict]:
     """Stream rows of a few columns from Parquet files without loading them whole."""
     for p in paths:
-        for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in _open_parquet(p).iter_batches(batch_size=batch_rows, columns=columns):
             yield from batch.to_pylist()

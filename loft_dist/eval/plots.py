@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 DPI = 110
 GROUP_COLORS = {"many": "#1b9e77", "medium": "#d95f02", "few": "#7570b3"}
@@ -51,7 +52,8 @@ def _line(ax, x, y, **kw) -> bool:
     y = _pct(y)
     if np.all(np.isnan(y)):
         return False
-    ax.plot(x, y, marker="o", **kw)
+    kw.setdefault("marker", "o")
+    ax.plot(x, y, **kw)
     return True
 
 
@@ -93,9 +95,12 @@ def per_class_accuracy(path, names: list[str], accuracy: list, labeled_counts: l
     x = np.arange(len(order))
     colors = [GROUP_COLORS[groups[c]] for c in order]
     ax.bar(x[~np.isnan(acc)], acc[~np.isnan(acc)], color=np.asarray(colors)[~np.isnan(acc)], width=0.85)
-    for g, color in GROUP_COLORS.items():
-        n = sum(1 for c in order if groups[c] == g)
-        ax.bar([], [], color=color, label=f"{g} ({n} classes)")
+    if len(x) <= MAX_TICK_LABELS:  # a zero-height bar is invisible: say 0, and say which classes had no test images
+        for xi, a in zip(x, acc):
+            if np.isnan(a) or a == 0:
+                ax.text(xi, 0.5, "n/a" if np.isnan(a) else "0", ha="center", va="bottom", fontsize=7)
+    legend = [Patch(color=color, label=f"{g} ({sum(1 for c in order if groups[c] == g)} classes)")
+              for g, color in GROUP_COLORS.items()]
     ax.set_ylim(0, 105)
     ax.set_ylabel("test accuracy (%)")
     _class_axis(ax, [names[c] for c in order], "class, sorted by labeled count (most → fewest)")
@@ -103,18 +108,16 @@ def per_class_accuracy(path, names: list[str], accuracy: list, labeled_counts: l
     twin.plot(x, np.asarray(labeled_counts)[order], color="black", marker=".", lw=1.2, label="labeled images")
     twin.set_ylabel("labeled images per class")
     twin.set_ylim(0, max(max(labeled_counts, default=1) * 1.1, 1))
-    handles, labels = ax.get_legend_handles_labels()
-    h2, l2 = twin.get_legend_handles_labels()
-    ax.legend(handles + h2, labels + l2, fontsize=8, loc="upper right")
+    ax.legend(handles=legend + twin.get_legend_handles_labels()[0], fontsize=8, loc="upper right")
     ax.set_title(f"Per-class test accuracy against labeled class frequency — round {round_idx}")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
 def pseudo_labels_by_round(path, rounds: list[int], overall: dict[str, list], tertile_precision: dict[str, list],
-                           tertile_coverage: dict[str, list]) -> Path:
+                           tertile_recall: dict[str, list]) -> Path:
     """Pool pseudo-label quality over rounds: overall precision / coverage (left) and the class-averaged
-    precision and coverage of each frequency tertile (right)."""
+    precision and recall of each frequency tertile (right)."""
     fig = _figure(11, 4.2)
     left, right = fig.subplots(1, 2, sharey=True)
     styles = {"precision": ("black", "-"), "hard_precision": ("#1b9e77", "--"), "soft_precision": ("#d95f02", "--"),
@@ -128,7 +131,7 @@ def pseudo_labels_by_round(path, rounds: list[int], overall: dict[str, list], te
     left.set_title("Pool pseudo-labels: precision and coverage")
     for name, color in TERTILE_COLORS.items():
         _line(right, rounds, tertile_precision[name], color=color, ls="-", label=f"{name}: precision")
-        _line(right, rounds, tertile_coverage[name], color=color, ls="--", marker="s", label=f"{name}: coverage")
+        _line(right, rounds, tertile_recall[name], color=color, ls="--", marker="s", label=f"{name}: recall")
     right.set_title("By class-frequency tertile (class-averaged)")
     for ax in (left, right):
         ax.set_xlabel("round (pool scored by the model before the round's training)")
@@ -142,15 +145,15 @@ def pseudo_labels_by_round(path, rounds: list[int], overall: dict[str, list], te
 
 def pseudo_labels_by_class(path, names: list[str], precision: list, recall: list, labeled_counts: list[int],
                            round_idx: int) -> Path:
-    """Per-class pseudo-label precision (by predicted class) and coverage (recall by true class), classes
-    sorted by labeled count."""
+    """Per-class pseudo-label precision (by pseudo-label) and recall (accepted and right, by true class),
+    classes sorted by labeled count."""
     order = np.argsort(-np.asarray(labeled_counts), kind="stable")
     x = np.arange(len(order))
     fig = _figure(max(8.0, min(16.0, 0.28 * len(names) + 4)), 4.5)
     ax = fig.subplots()
     prec = _pct([precision[c] for c in order])
     rec = _pct([recall[c] for c in order])
-    ax.plot(x, rec, color="#1f78b4", marker="s", ms=4, lw=1, label="coverage: accepted & right / ID images of the class")
+    ax.plot(x, rec, color="#1f78b4", marker="s", ms=4, lw=1, label="recall: accepted and right / ID pool images of the class")
     ax.plot(x, prec, color="black", marker="o", ms=5, lw=0, label="precision: right / accepted as the class")
     missing = int(np.isnan(prec).sum())
     if missing:
@@ -158,7 +161,7 @@ def pseudo_labels_by_class(path, names: list[str], precision: list, recall: list
     ax.set_ylim(-3, 103)
     ax.set_ylabel("%")
     _class_axis(ax, [names[c] for c in order], "class, sorted by labeled count (most → fewest)")
-    ax.set_title(f"Pseudo-label precision and coverage by class frequency — round {round_idx}")
+    ax.set_title(f"Pseudo-label precision and recall by class frequency — round {round_idx}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
@@ -254,7 +257,7 @@ def confusion_worst(path, row_names: list[str], col_names: list[str], shares: np
 
 def compare_bars(path, run_names: list[str], metrics: list[str], values: list[list]) -> Path:
     """Grouped bars: one group per metric, one bar per run; a missing value is marked "–" at the baseline."""
-    fig = _figure(max(8.0, 1.1 * len(metrics) * max(1, len(run_names)) * 0.45 + 3), 4.5)
+    fig = _figure(min(16.0, max(8.0, 0.3 * len(metrics) * max(1, len(run_names)) + 3)), 4.5)
     ax = fig.subplots()
     x = np.arange(len(metrics))
     width = 0.8 / max(len(run_names), 1)

@@ -30,7 +30,7 @@ PLOTS = {  # file → what it shows; a file not written this time is removed, so
     "reliability.png": "Reliability diagram",
     "pool_score_histograms.png": "MSP and zero-shot MSP of ID vs OOD pool images",
     "pseudo_labels_by_round.png": "Pseudo-label precision and coverage by round",
-    "pseudo_labels_by_class.png": "Pseudo-label precision and coverage by class frequency",
+    "pseudo_labels_by_class.png": "Pseudo-label precision and recall by class frequency",
 }
 WORST_K = 8  # rows of the confusion summary
 CONFUSIONS_PER_CLASS = 3
@@ -120,7 +120,7 @@ def _class_groups(test: dict, num_classes: int) -> list[str]:
 def _pseudo_label_series(rounds: list[dict], tertiles: dict[str, list[int]]) -> dict:
     """Per-round overall quality and class-averaged quality per tertile, from rounds whose pool had ground truth."""
     with_truth = [m for m in rounds if "precision" in (m.get("pseudo_labels") or {})]
-    series = {"rounds": [m["round"] for m in with_truth], "overall": {}, "precision": {}, "coverage": {}}
+    series = {"rounds": [m["round"] for m in with_truth], "overall": {}, "precision": {}, "recall": {}}
     for key in ("precision", "hard_precision", "soft_precision", "coverage"):
         series["overall"][key] = [m["pseudo_labels"].get(key) for m in with_truth]
     series["overall"]["ood_admitted_rate"] = [
@@ -129,7 +129,7 @@ def _pseudo_label_series(rounds: list[dict], tertiles: dict[str, list[int]]) -> 
     for name, classes in tertiles.items():
         series["precision"][name] = [_mean(m["pseudo_labels"]["precision_per_class"][c] for c in classes)
                                      for m in with_truth]
-        series["coverage"][name] = [_mean(m["pseudo_labels"]["recall_per_class"][c] for c in classes)
+        series["recall"][name] = [_mean(m["pseudo_labels"]["recall_per_class"][c] for c in classes)
                                     for m in with_truth]
     return series
 
@@ -360,19 +360,20 @@ def write_report(run_dir: str | Path) -> dict:
         lines += ["", "The pool has no ground truth: pseudo-label precision and coverage cannot be measured."]
     else:
         if plot("pseudo_labels_by_round.png", plots.pseudo_labels_by_round, out / "pseudo_labels_by_round.png",
-                series["rounds"], series["overall"], series["precision"], series["coverage"]):
+                series["rounds"], series["overall"], series["precision"], series["recall"]):
             lines += ["", "![Pseudo-label precision and coverage by round](pseudo_labels_by_round.png)", "",
                       "*pseudo_labels_by_round.png* — left: precision and coverage (%) of the accepted pseudo-labels "
-                      "and the share of the pool's OOD images admitted; right: the same, class-averaged within each "
-                      "frequency tertile (a tertile with no accepted image has no precision point)."]
+                      "and the share of the pool's OOD images admitted; right: per-class precision and recall (accepted "
+                      "and right / ID images of the class), averaged within each frequency tertile (a tertile with "
+                      "no accepted image has no precision point)."]
         last = _last_with(rounds, lambda m: "precision_per_class" in (m.get("pseudo_labels") or {}))
         if labeled is not None and last is not None and plot(
                 "pseudo_labels_by_class.png", plots.pseudo_labels_by_class, out / "pseudo_labels_by_class.png", names,
                 last["pseudo_labels"]["precision_per_class"], last["pseudo_labels"]["recall_per_class"], labeled,
                 last["round"]):
-            lines += ["", "![Pseudo-label precision and coverage by class frequency](pseudo_labels_by_class.png)", "",
+            lines += ["", "![Pseudo-label precision and recall by class frequency](pseudo_labels_by_class.png)", "",
                       f"*pseudo_labels_by_class.png* — round {last['round']}: per-class precision (by pseudo-label) "
-                      "and coverage (by true class), classes sorted by labeled count."]
+                      "and recall (accepted and right, by true class), classes sorted by labeled count."]
 
     lines += ["", "## Quarantine", "",
               ("No undecodable images." if not quarantined else
@@ -387,4 +388,83 @@ def write_report(run_dir: str | Path) -> dict:
                "quarantined": quarantined, "plots": {name: PLOTS[name] for name in written}, "notes": notes}
     write_json_atomic(out / "metrics.json", summary)
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# several runs side by side
+# --------------------------------------------------------------------------------------------
+COMPARE_COLUMNS = (  # (header, path into the final round's metrics)
+    ("acc", ("test", "accuracy")), ("balanced", ("test", "balanced_accuracy")),
+    ("many", ("test", "groups", "many", "accuracy")), ("medium", ("test", "groups", "medium", "accuracy")),
+    ("few", ("test", "groups", "few", "accuracy")), ("head", ("test", "tertiles", "head", "accuracy")),
+    ("mid", ("test", "tertiles", "mid", "accuracy")), ("tail", ("test", "tertiles", "tail", "accuracy")),
+    ("ECE", ("test", "ece")), ("AUROC (MSP)", ("ood_test", "auroc")),
+    ("PL precision", ("pseudo_labels", "precision")), ("PL coverage", ("pseudo_labels", "coverage")),
+)
+COMPARE_PLOTTED = ("acc", "balanced", "many", "medium", "few", "head", "mid", "tail", "AUROC (MSP)",
+                   "PL precision", "PL coverage")  # ECE is left out: lower is better, unlike every other bar
+
+
+def _get(d: dict, path: tuple):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _run_labels(run_dirs: list[Path]) -> list[str]:
+    names = [d.name for d in run_dirs]
+    return [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name for d in run_dirs]
+
+
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
+    """compare.md (one row per run, final round), compare.json and compare.png in `out_dir`."""
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = _run_labels(run_dirs)
+    rows, test_sets = [], {}
+    for label, d in zip(labels, run_dirs):
+        rounds = [_finite(m) for m in load_rounds(d)]
+        if not rounds:
+            raise FileNotFoundError(f"{d} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
+        cfg = load_run_config(d)
+        info = find_dataset_info(d, cfg) or {}
+        test_sets[label] = tuple(sorted((k, v) for k, v in (info.get("checksums") or {}).items()
+                                        if k.startswith("test/"))) or None
+        a, p, m = cfg.get("algorithm") or {}, cfg.get("peft") or {}, cfg.get("model") or {}
+        final = rounds[-1]
+        rows.append({"run": label, "run_dir": str(d), "round": final["round"],
+                     "method": f"{a.get('name', '?')} / {p.get('method', '?')} / {m.get('name', '?')}",
+                     "values": {h: _get(final, path) for h, path in COMPARE_COLUMNS}})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# loft_dist run comparison", "",
+             "Final round of each run; test accuracy by group and tertile, ECE and AUROC (ID test vs OOD test, "
+             "MSP) in %; PL = pool pseudo-labels of the final round.", "",
+             "| run | method (algorithm / adapter / model) | round | " + " | ".join(h for h, _ in COMPARE_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COMPARE_COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {r['round']} | "
+                     + " | ".join(_pct(r["values"][h]) for h, _ in COMPARE_COLUMNS) + " |")
+    empty = [h for h, _ in COMPARE_COLUMNS if all(r["values"][h] is None for r in rows)]
+    notes = []
+    if empty:
+        notes.append(f"– = not available: {', '.join(empty)} is empty or unmeasured in every run (an empty "
+                     "many / medium / few group has no class with that labeled count).")
+    known = {k: v for k, v in test_sets.items() if v is not None}
+    if len(set(known.values())) > 1:
+        notes.append("The runs were evaluated on different test sets (dataset.json checksums differ): "
+                     "their numbers are not directly comparable.")
+    if len(known) < len(test_sets):
+        notes.append("dataset.json was not found for: " + ", ".join(k for k, v in test_sets.items() if v is None)
+                     + " — same test set not verified.")
+    plots.compare_bars(out / "compare.png", [r["run"] for r in rows], list(COMPARE_PLOTTED),
+                       [[r["values"][h] for h in COMPARE_PLOTTED] for r in rows])
+    lines += [*(["", *notes] if notes else []), "", "![Final-round metrics of each run](compare.png)", "",
+              "*compare.png* — final-round metrics (%) of each run side by side; – marks a value that is not "
+              "available (ECE is in the table only: lower is better)."]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    summary = {"runs": rows, "notes": notes, "plots": ["compare.png"]}
+    write_json_atomic(out / "compare.json", summary)
     return summary

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
@@ -47,6 +48,16 @@ def apply_adapter(visual: nn.Module, peft_cfg, num_classes: Optional[int] = None
     visual.requires_grad_(False)
     blocks = visual.transformer.resblocks
     layers = _resolve_layers(peft_cfg.layers, len(blocks))
+    # Workers seed their RNG by rank before building; the adapter init (AdaptFormer down_proj, LoRA A,
+    # VPT prompts) must not depend on it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(peft_cfg.init_seed)
+        return _apply(visual, peft_cfg, num_classes, blocks, layers)
+
+
+def _apply(visual: nn.Module, peft_cfg, num_classes: Optional[int], blocks: nn.ModuleList,
+           layers: list[int]) -> nn.Module:
+    method = peft_cfg.method
 
     if method == "lora":
         from peft import LoraConfig, get_peft_model

@@ -1,52 +1,100 @@
-"""Scoring a split of image shards with the actor pool and writing the table atomically (DESIGN §3, §5)."""
+"""Scoring image shards with the actor pool into a table (DESIGN §3, §5), resumable chunk by chunk.
+
+The input shards are cut into chunks; each chunk streams read_parquet → decode (tasks) → Scorer (actor
+pool) → write_parquet into a temp dir that is committed with _SUCCESS. A re-run skips committed chunks,
+so a killed job loses at most the chunk in flight. When every chunk is in, the chunk files are moved into
+the final table dir, which is committed with the total row count — checked to equal the input's.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import time
 import uuid
 from pathlib import Path
 
 from loft_dist.config import to_dict
-from loft_dist.data.pseudo_labels import commit_table
-from loft_dist.data.store import count_rows, read_split, shard_paths
+from loft_dist.data.pseudo_labels import SUCCESS, commit_table, is_complete
+from loft_dist.data.store import count_rows, shard_paths
 from loft_dist.data.transforms import decode_batch
 from loft_dist.scoring.scorer import Scorer
 
 log = logging.getLogger(__name__)
+INPUT_COLUMNS = ["id", "image", "true_label"]
 
 
-def score_split(cfg, data_root: str, split: str, out_dir: str, *, class_names: list[str], mode: str,
-                checkpoint: str | None = None, zs_table: str | None = None) -> int:
-    """read_parquet → decode (tasks) → Scorer (actor pool) → write_parquet (temp) → commit with _SUCCESS.
-
-    Returns the row count, checked to equal the split's row count (one output row per image).
-    """
+def _score_chunk(cfg, paths: list[str], out: Path, scorer_kwargs: dict, expected: int) -> int:
     import ray.data
 
     s = cfg.scoring
-    expected = count_rows(shard_paths(data_root, split))
-    ds = read_split(data_root, split, columns=["id", "image", "true_label"]).map_batches(
+    ds = ray.data.read_parquet(paths, columns=INPUT_COLUMNS, override_num_blocks=len(paths)).map_batches(
         decode_batch, fn_kwargs={"view": s.view, "image_size": cfg.data.image_size}, batch_format="numpy",
         num_cpus=s.cpus_per_data_task)
     scored = ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs={"cfg": to_dict(cfg), "class_names": class_names, "mode": mode,
-                               "checkpoint": checkpoint, "zs_table": zs_table},
+        Scorer, fn_constructor_kwargs=scorer_kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         batch_size=s.batch_size, batch_format="numpy", num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor or None,
+        resources=dict(s.custom_resources) or None,
     )  # Ray Data's actor pool restarts dead actors and retries their batches (max_restarts = max_task_retries = -1)
-    out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    log.info("scoring %s (%d rows, mode %s) with an actor pool of %d..%d actors (%s CPU, %s GPU each)",
-             split, expected, mode, s.min_actors, s.max_actors, s.cpus_per_actor, s.gpus_per_actor)
-    t0 = time.time()
     try:
         scored.write_parquet(str(tmp))
-        rows = commit_table(tmp, out, expected_rows=expected)
+        return commit_table(tmp, out, expected_rows=expected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    dt = time.time() - t0
-    log.info("scored %d rows of %s in %.1f s (%.0f rows/s)", rows, split, dt, rows / max(dt, 1e-9))
+
+
+def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str], mode: str,
+                 checkpoint: str | None = None, zs_table: str | None = None, label: str = "") -> int:
+    """Score the given Parquet image shards into the table at out_dir; returns its row count."""
+    out = Path(out_dir)
+    if is_complete(out):
+        return json.loads((out / SUCCESS).read_text())["rows"]
+    s = cfg.scoring
+    per_chunk = s.shards_per_chunk or len(paths)
+    chunks = [paths[i:i + per_chunk] for i in range(0, len(paths), per_chunk)]
+    work = out.with_name(f".{out.name}.work")
+    work.mkdir(parents=True, exist_ok=True)
+    identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [os.path.basename(p) for p in paths],
+                "per_chunk": per_chunk}
+    ident_file = work / "job.json"
+    if ident_file.is_file() and json.loads(ident_file.read_text()) != identity:
+        log.warning("%s was left by a different scoring job; starting it over", work)
+        shutil.rmtree(work)
+        work.mkdir(parents=True)
+    ident_file.write_text(json.dumps(identity))
+
+    kwargs = {"cfg": to_dict(cfg), "class_names": class_names, "mode": mode, "checkpoint": checkpoint,
+              "zs_table": zs_table}
+    total = count_rows(paths)
+    log.info("scoring %s: %d rows in %d shards (%d chunks), mode %s, actor pool %d..%d actors x %s CPU / %s GPU, "
+             "batch %d", label or out.name, total, len(paths), len(chunks), mode, s.min_actors, s.max_actors,
+             s.cpus_per_actor, s.gpus_per_actor, s.batch_size)
+    t0, done, fresh = time.time(), 0, 0
+    for i, chunk in enumerate(chunks):
+        cdir = work / f"chunk-{i:05d}"
+        rows = count_rows(chunk)
+        if not is_complete(cdir):
+            _score_chunk(cfg, chunk, cdir, kwargs, rows)
+            fresh += rows
+        done += rows
+        rate = fresh / max(time.time() - t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0.0
+        log.info("scoring %s: chunk %d/%d, %d/%d rows, %.0f rows/s, ETA %.0f s", label or out.name, i + 1,
+                 len(chunks), done, total, rate, eta)
+
+    final_tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    final_tmp.mkdir()
+    for i in range(len(chunks)):
+        for f in sorted((work / f"chunk-{i:05d}").glob("*.parquet")):
+            os.replace(f, final_tmp / f"chunk-{i:05d}-{f.name}")
+    rows = commit_table(final_tmp, out, expected_rows=total)
+    shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def score_split(cfg, data_root: str, split: str, out_dir: str, **kwargs) -> int:
+    return score_shards(cfg, shard_paths(data_root, split), out_dir, label=split, **kwargs)

@@ -85,5 +85,5 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state", exclude_frozen_parameters=True)
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if rank == 0:
-                    save_weights(model, tmp, {"epoch": epoch, **metrics})
+                    save_weights(model, tmp, {"epoch": epoch, "class_names": config["class_names"], **metrics})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

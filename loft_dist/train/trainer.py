@@ -20,7 +20,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
     from loft_dist.train.loop import train_loop_per_worker
 
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.custom_resources}
     if t.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -30,7 +30,8 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
             "epoch_offset": (round_idx - 1) * t.epochs_per_round,
             "total_epochs": cfg.rounds.num_rounds * t.epochs_per_round,
         },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(
             name=f"r{round_idx}", storage_path=str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=t.max_failures),

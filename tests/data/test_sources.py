@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cifar_files import random_images, to_cifar_rows, write_cifar10, write_cifar100, write_py2_pickle
 from loft_dist.data.sources import (
     Source,
     SourceError,
@@ -26,51 +26,6 @@ from loft_dist.data.sources import (
 REAL_CIFAR10 = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar-10-subset"
 
 
-# ---------------------------------------------------------------------------------------
-# Writing pickles the way the official (Python 2) CIFAR files were written
-
-
-class _Py2Pickler(pickle._Pickler):
-    """Protocol-2 pickler that writes bytes as Python 2 strings, as the official files do.
-
-    Python 3 writes bytes under protocol 2 as a call to `_codecs.encode`, a global the
-    restricted reader rightly refuses; the real files use (SHORT_)BINSTRING opcodes and
-    name `numpy.core.multiarray._reconstruct`.
-    """
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_str(self, obj: bytes) -> None:
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
-
-    def save_global(self, obj, name=None):
-        if getattr(obj, "__name__", None) == "_reconstruct":
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-
-def _write_py2_pickle(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    path.write_bytes(buf.getvalue())
-
-
-def _random_images(rng, n: int) -> np.ndarray:
-    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-
-
-def _to_cifar_rows(hwc: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(hwc.transpose(0, 3, 1, 2).reshape(len(hwc), 3072))
-
-
 def _decode(b: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
 
@@ -79,46 +34,22 @@ def _decode(b: bytes) -> np.ndarray:
 def cifar10_dir(tmp_path):
     """A CIFAR-10 tree with 5 train batches of 3 images and a test batch of 4."""
     rng = np.random.default_rng(0)
-    base = tmp_path / "cifar-10-batches-py"
-    base.mkdir()
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer",
-             b"dog", b"frog", b"horse", b"ship", b"truck"]
-    meta = {b"num_cases_per_batch": 3, b"label_names": names, b"num_vis": 3072}
-    _write_py2_pickle(base / "batches.meta", meta)
     images, labels = {}, {}
     for name, n in [(f"data_batch_{k}", 3) for k in range(1, 6)] + [("test_batch", 4)]:
-        images[name] = _random_images(rng, n)
+        images[name] = random_images(rng, n)
         labels[name] = [int(x) for x in rng.integers(0, 10, size=n)]
-        batch = {
-            b"batch_label": f"{name} of 5".encode(),
-            b"labels": labels[name],
-            b"data": _to_cifar_rows(images[name]),
-        }
-        _write_py2_pickle(base / name, batch)
+    write_cifar10(tmp_path, {k: (images[k], labels[k]) for k in images})
     return tmp_path, images, labels
 
 
 @pytest.fixture
 def cifar100_dir(tmp_path):
     rng = np.random.default_rng(1)
-    base = tmp_path / "cifar-100-python"
-    base.mkdir()
-    fine = [f"class_{k:03d}".encode() for k in range(100)]
-    _write_py2_pickle(base / "meta", {b"fine_label_names": fine, b"coarse_label_names": [b"c"] * 20})
     images, labels = {}, {}
     for name, n in [("train", 6), ("test", 2)]:
-        images[name] = _random_images(rng, n)
+        images[name] = random_images(rng, n)
         labels[name] = [int(x) for x in rng.integers(0, 100, size=n)]
-        _write_py2_pickle(
-            base / name,
-            {
-                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-                b"batch_label": name.encode(),
-                b"fine_labels": labels[name],
-                b"coarse_labels": [0] * n,
-                b"data": _to_cifar_rows(images[name]),
-            },
-        )
+    write_cifar100(tmp_path, {k: (images[k], labels[k]) for k in images}, [f"class_{k:03d}" for k in range(100)])
     return tmp_path, images, labels
 
 
@@ -171,9 +102,9 @@ def test_cifar_reads_str_keys_from_python3_pickles(tmp_path):
     # A pickle re-saved by Python 3 (protocol 4) has str keys and native bytes opcodes.
     base = tmp_path / "cifar-10-batches-py"
     base.mkdir()
-    img = _random_images(np.random.default_rng(2), 2)
+    img = random_images(np.random.default_rng(2), 2)
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b"]}, protocol=4))
-    batch = {"labels": [1, 0], "data": _to_cifar_rows(img)}
+    batch = {"labels": [1, 0], "data": to_cifar_rows(img)}
     (base / "test_batch").write_bytes(pickle.dumps(batch, protocol=4))
     src = read_cifar(base, "test")
     assert src.class_names == ["a", "b"] and src.labels.tolist() == [1, 0]
@@ -192,7 +123,7 @@ def test_cifar_refuses_malicious_pickle(cifar10_dir):
     root, _, _ = cifar10_dir
     marker = root / "pwned"
     bad = root / "cifar-10-batches-py" / "data_batch_2"
-    _write_py2_pickle(bad, {b"labels": [], b"data": _Exploit(marker)})
+    write_py2_pickle(bad, {b"labels": [], b"data": _Exploit(marker)})
     with pytest.raises(pickle.UnpicklingError) as err:
         read_cifar(root, "train")
     msg = str(err.value)
@@ -219,10 +150,10 @@ def test_cifar_missing_batch_file_is_named(cifar10_dir):
 def test_cifar_bad_shape_and_labels_are_named(cifar10_dir):
     root, _, _ = cifar10_dir
     base = root / "cifar-10-batches-py"
-    _write_py2_pickle(base / "test_batch", {b"labels": [0, 1], b"data": np.zeros((2, 1024), np.uint8)})
+    write_py2_pickle(base / "test_batch", {b"labels": [0, 1], b"data": np.zeros((2, 1024), np.uint8)})
     with pytest.raises(SourceError, match=r"test_batch.*\(N, 3072\)"):
         read_cifar(root, "test")
-    _write_py2_pickle(base / "test_batch", {b"labels": [0, 10], b"data": np.zeros((2, 3072), np.uint8)})
+    write_py2_pickle(base / "test_batch", {b"labels": [0, 10], b"data": np.zeros((2, 3072), np.uint8)})
     with pytest.raises(SourceError, match=r"test_batch: record 1 has label 10, outside the range 0\.\.9"):
         read_cifar(root, "test")
     (base / "test_batch").write_bytes(b"\x80\x02}q\x00(U")  # truncated download

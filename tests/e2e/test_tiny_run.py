@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("configs/tiny.yaml", [f"run.storage_path={root}", "run.name=e2e", "train.epochs_per_round=2"])
+    cfg = load_config("configs/tiny.yaml", [f"run.storage_path={root}", "run.name=e2e", "train.epochs_per_round=2",
+                                            "rounds.num_rounds=2"])
     summary = run(cfg)
     return cfg, Path(cfg.run_dir).resolve(), summary
 

@@ -1,0 +1,129 @@
+"""Experiment tracking: the numeric scalars of each round and each training epoch, to TensorBoard and MLflow.
+
+TensorBoard event files go to <run dir>/tensorboard (`tensorboard --logdir runs/`). MLflow is used as
+well when `mlflow` is importable and MLFLOW_TRACKING_URI is set; the MLflow run id is kept in
+<run dir>/mlflow_run.json so that a resumed run and the train workers log into the same MLflow run.
+Tracking is a side channel: a missing package or an unreachable server costs one warning, never the run.
+
+Tags: a round's metrics under their own path (`test/accuracy`, `pseudo_labels/precision`, step = round);
+a training epoch's under `epoch/` (`epoch/loss`, step = global epoch over all rounds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+TB_DIR = "tensorboard"
+MLFLOW_FILE = "mlflow_run.json"
+_warned: set[str] = set()  # one warning per cause per process, however many Trackers a run creates
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg, *args)
+
+
+def flatten_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested dict → {"a/b/c": float} of its finite int/float leaves (lists, strings, bools and None are not
+    scalars worth a curve: per-class lists would be thousands of tags)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+class Tracker:
+    """Scalars of one run, to TensorBoard (if installed) and MLflow (if installed and configured)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._mlflow = None  # (client, run_id)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            _warn_once("tensorboard", "tensorboard is not installed: no TensorBoard logs are written "
+                       "(pip install tensorboard)")
+        else:
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            try:
+                import mlflow  # noqa: F401
+            except ImportError:
+                _warn_once("mlflow", "MLFLOW_TRACKING_URI is set but mlflow is not installed: not logging to MLflow")
+            else:
+                self._mlflow = self._mlflow_run()
+
+    def _mlflow_run(self):
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient()
+            state = self.run_dir / MLFLOW_FILE
+            if state.is_file():
+                return client, json.loads(state.read_text())["run_id"]
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "loft_dist")
+            exp = client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+            run = client.create_run(exp_id, run_name=self.run_dir.name, tags={"loft_dist.run_dir": str(self.run_dir)})
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            state.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": exp_id}))
+            return client, run.info.run_id
+        except Exception as e:  # noqa: BLE001 - any tracking-server failure
+            _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
+            return None
+
+    def _log(self, scalars: dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, global_step=step)
+            self._tb.flush()  # a crashed run still shows its curves up to the last round / epoch
+        if self._mlflow is not None:
+            from mlflow.entities import Metric
+
+            client, run_id = self._mlflow
+            now = int(time.time() * 1000)
+            items = [Metric(key=k, value=v, timestamp=now, step=step) for k, v in scalars.items()]
+            try:
+                for i in range(0, len(items), 1000):  # MLflow's per-request limit on metrics
+                    client.log_batch(run_id, metrics=items[i:i + 1000])
+            except Exception as e:  # noqa: BLE001
+                _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
+                self._mlflow = None
+
+    def log_round(self, round_idx: int, metrics: dict) -> dict[str, float]:
+        """A round's metrics.json (nested) at step = round; returns the scalars logged."""
+        scalars = flatten_scalars({k: v for k, v in metrics.items() if k != "round"})
+        self._log(scalars, round_idx)
+        return scalars
+
+    def log_epoch(self, round_idx: int, global_epoch: int, metrics: dict) -> dict[str, float]:
+        """One training epoch's metrics at step = global epoch (epochs of all rounds on one axis)."""
+        scalars = {f"epoch/{k}": v for k, v in flatten_scalars(metrics).items()}
+        scalars["epoch/round"] = float(round_idx)
+        self._log(scalars, global_epoch)
+        return scalars
+
+    def close(self, finished: bool = False) -> None:
+        """Flush and close; `finished=True` (the driver, after the last round) also ends the MLflow run."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._mlflow is not None and finished:
+            client, run_id = self._mlflow
+            try:
+                client.set_terminated(run_id, "FINISHED")
+            except Exception as e:  # noqa: BLE001
+                _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
+        self._mlflow = None

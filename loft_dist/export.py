@@ -1,0 +1,244 @@
+"""`loft-dist export` and `loft-dist predict`: one round's model as a self-contained directory, and
+inference from that directory alone — no run dir, no dataset, no Ray.
+
+Export layout (a loft_dist checkpoint without optimizer state, plus what is needed to rebuild the model):
+    adapter/{adapter_config.json, adapter_model.safetensors}   peft format (absent when peft.method = none)
+    head.safetensors                                           cosine-head weights
+    export.json                                                class names, model + peft config, input size, …
+    README.md                                                  model card
+The backbone itself is rebuilt from `model.name` / `model.pretrained` (an open_clip tag from the local cache,
+a weights file, or the seeded random init), exactly as training and scoring build it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shutil
+import uuid
+from pathlib import Path
+
+EXPORT_FILE = "export.json"
+FORMAT = "loft_dist.export"
+FORMAT_VERSION = 1
+VIEW = "clean"  # the test-time transform of the evaluation (SPEC G.9: resize, no augmentation)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+def completed_rounds(run_dir: str | Path) -> list[int]:
+    """Rounds >= 1 whose checkpoint and metrics are in place (and, when state.json exists, whose eval phase
+    is recorded complete): the rounds an export may take. Round 0 is zero-shot CLIP and has no checkpoint."""
+    run_dir = Path(run_dir)
+    state = run_dir / "state.json"
+    done = set(json.loads(state.read_text())["completed"]) if state.is_file() else None
+    out = []
+    for d in (run_dir / "rounds").glob("r*"):
+        if not d.name[1:].isdigit() or int(d.name[1:]) < 1:
+            continue
+        r = int(d.name[1:])
+        if (d / "checkpoint" / "head.safetensors").is_file() and (d / "metrics.json").is_file() \
+                and (done is None or f"r{r}.eval" in done):
+            out.append(r)
+    return sorted(out)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for dist in ("loft_dist", "torch", "open_clip_torch", "peft", "safetensors"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _headline(m: dict) -> dict:
+    """The numbers a model card shows, from a round's metrics.json (None stays None: "–" in the card)."""
+    t = m["test"]
+    out = {"test_images": t.get("n"), "accuracy": t["accuracy"], "balanced_accuracy": t["balanced_accuracy"],
+           "macro_f1": t.get("macro_f1"), "ece": t.get("ece"),
+           **{g: t["groups"][g]["accuracy"] for g in ("many", "medium", "few")},
+           **{g: t["tertiles"][g]["accuracy"] for g in ("head", "mid", "tail")}}
+    o = m.get("ood_test") or {}
+    out.update({"ood_auroc": o.get("auroc"), "ood_fpr95": o.get("fpr95")})
+    p = m.get("pseudo_labels") or {}
+    out.update({"pseudo_label_precision": p.get("precision"), "pseudo_label_coverage": p.get("coverage")})
+    return out
+
+
+def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None = None) -> Path:
+    """Copy round `round_idx` (default: the last completed) of a run into `out_dir` with export.json and a
+    model card. An existing `out_dir` is replaced only when it is empty or an earlier export."""
+    from loft_dist.config import ConfigError, from_dict
+    from loft_dist.eval.report import find_dataset_info, load_run_config
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a loft_dist run dir")
+    rounds = completed_rounds(run_dir)
+    if not rounds:
+        raise FileNotFoundError(f"{run_dir} has no completed round with a checkpoint (rounds/r<k>/checkpoint, k >= 1); "
+                                f"round 0 is zero-shot CLIP and is not exported")
+    r = rounds[-1] if round_idx is None else round_idx
+    if r not in rounds:
+        raise ConfigError(f"--round={r} is not allowed: completed rounds of {run_dir} with a checkpoint are "
+                          f"{', '.join(map(str, rounds))}")
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
+        raise ConfigError(f"--out={out} is not allowed: it exists, is not empty and is not a loft_dist export; "
+                          f"choose a new directory")
+    cfg_dict = load_run_config(run_dir)
+    cfg = from_dict(cfg_dict)  # validates the sections export.json will carry
+    info = find_dataset_info(run_dir, cfg_dict)
+    rdir = run_dir / "rounds" / f"r{r}"
+    metrics = json.loads((rdir / "metrics.json").read_text())
+    ckpt = rdir / "checkpoint"
+    names = info["class_names"] if info else None
+    if names is None:
+        raise FileNotFoundError(f"dataset.json of {run_dir} not found (data.root={cfg.data.root!r}, or "
+                                f"{run_dir / 'data'}): the export needs the class names")
+    train_state = json.loads((ckpt / "train_state.json").read_text()) if (ckpt / "train_state.json").is_file() else {}
+
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "class_names": names,
+        "model": cfg_dict["model"], "peft": cfg_dict["peft"],
+        "image_size": cfg.data.image_size, "view": VIEW,
+        # the softmax temperature the evaluation used, so predicted probabilities match the reported calibration
+        "temperature": cfg.algorithm.temperature,
+        "round": r, "run": {"name": run_dir.name, "dir": str(run_dir.resolve())},
+        "metrics": _headline(metrics), "train_state": train_state,
+        "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        if (ckpt / "adapter").is_dir():
+            shutil.copytree(ckpt / "adapter", tmp / "adapter")
+        shutil.copy2(ckpt / "head.safetensors", tmp / "head.safetensors")
+        (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False))
+        (tmp / "README.md").write_text(model_card(meta, cfg_dict, info))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def model_card(meta: dict, cfg: dict, info: dict | None) -> str:
+    m, p, a, t = meta["model"], meta["peft"], cfg.get("algorithm", {}), cfg.get("train", {})
+    names = meta["class_names"]
+    lab = (info or {}).get("counts", {}).get("labeled") or []
+    rows, ood = (info or {}).get("rows", {}), (info or {}).get("ood_counts", {})
+    h = meta["metrics"]
+    backbone = (f"pretrained weights `{m['pretrained']}`" if m.get("pretrained")
+                else f"random init, seed {m.get('init_seed')}: a demo model, not a useful classifier")
+    lines = [
+        f"# loft_dist model — {meta['run']['name']}, round {meta['round']}", "",
+        f"An open_clip `{m['name']}` image tower ({backbone}), frozen, with a `{p['method']}` adapter"
+        + (f" (r={p.get('r')}, alpha={p.get('alpha')}, on {', '.join(p.get('target_modules', []))})"
+           if p["method"] != "none" else "")
+        + f" and a cosine classifier (scale {m.get('head_scale')}) over {len(names)} classes, fine-tuned with "
+        f"`{a.get('name')}` (LoFT family: long-tailed semi-supervised fine-tuning of CLIP) by loft_dist.", "",
+        "## Use", "",
+        "```", "loft-dist predict EXPORT_DIR image1.jpg image2.png [--json]", "```", "",
+        "```python",
+        "from loft_dist.export import load_export",
+        "model, meta = load_export('EXPORT_DIR')   # torch module in eval mode; meta = export.json",
+        "```", "",
+        f"Input: any image PIL can read, converted to RGB, resized to {meta['image_size']}×{meta['image_size']} "
+        f"(bicubic) and normalised with CLIP's mean/std (the `{meta['view']}` view of loft_dist.data.transforms). "
+        f"Output: softmax(logits / {meta['temperature']}) over the classes below.", "",
+    ]
+    if m.get("pretrained"):
+        lines += [f"The backbone weights are not in this directory: `{m['pretrained']}` must be in the open_clip "
+                  "cache, or at that path, wherever the model is loaded.", ""]
+    lines += ["## Data", ""]
+    proto = (info or {}).get("protocol") or {}
+    if proto:
+        lines += ["| protocol | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in proto.items()), ""]
+    if lab:
+        lines.append(f"Labeled: {sum(lab)} images, {max(lab)} → {min(lab)} per class. Pool (unlabeled): "
+                     f"{rows.get('unlabeled', '–')} images, of which OOD {ood.get('unlabeled', 0)}. Test: "
+                     f"{rows.get('test', '–')} images; OOD test: {rows.get('ood_test', 0)}.")
+    else:
+        lines.append("dataset.json of the run was not available at export time.")
+    shown = names if len(names) <= 50 else names[:50] + [f"… ({len(names) - 50} more in export.json)"]
+    lines += ["", "Classes: " + ", ".join(f"`{n}`" for n in shown), "",
+              "## Method", "",
+              "| algorithm | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in a.items()), "",
+              f"Training: {cfg.get('rounds', {}).get('num_rounds', '–')} rounds × {t.get('epochs_per_round', '–')} "
+              f"epochs, SGD lr {t.get('lr')} (cosine), micro batch {t.get('micro_batch_size')} × "
+              f"{t.get('num_workers')} Ray Train workers × accumulation {t.get('grad_accum')}, DeepSpeed ZeRO "
+              f"stage {t.get('zero_stage')}, {t.get('precision')}, {'GPU' if t.get('use_gpu') else 'CPU'}. "
+              "The full config is in the run dir's config.yaml.", "",
+              f"## Metrics (round {meta['round']}, test split)", "",
+              "| metric | value |", "|---|---|",
+              *(f"| {k.replace('_', ' ')} | {v if k == 'test_images' else _pct(v)} |" for k, v in h.items()),
+              "", "– = not measured, or an empty group (many / medium / few are defined by labeled count; "
+              "head / mid / tail are frequency tertiles).", "",
+              "## Provenance", "",
+              f"Exported {meta['created']} from `{meta['run']['dir']}` round {meta['round']}.", "",
+              "| package | version |", "|---|---|", *(f"| {k} | {v} |" for k, v in meta["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------
+def load_export(export_dir: str | Path, device: str = "cpu"):
+    """(model in eval mode on `device`, export.json dict); only loft_dist.models and safetensors, no Ray."""
+    from loft_dist.config import from_dict
+    from loft_dist.models.checkpoint import load_classifier
+
+    d = Path(export_dir)
+    meta_path = d / EXPORT_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {d} is not a loft_dist export (make one with "
+                                f"`loft-dist export RUN_DIR --out DIR`)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}; this loft_dist "
+                         f"reads {FORMAT!r} up to v{FORMAT_VERSION}")
+    cfg = from_dict({"model": meta["model"], "peft": meta["peft"]})
+    model = load_classifier(cfg.model, cfg.peft, meta["class_names"], d).to(device)
+    return model, meta
+
+
+def predict(export_dir: str | Path, images: list[str], batch_size: int = 32, device: str = "cpu") -> list[dict]:
+    """One dict per image, in order: {path, class, index, probability}, or {path, error} when it cannot be read."""
+    import torch
+
+    from loft_dist.data.transforms import build_view, decode_image
+
+    model, meta = load_export(export_dir, device)
+    view = build_view(meta["view"], meta["image_size"], hflip=False)
+    names, temperature = meta["class_names"], meta["temperature"]
+    results: list[dict] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        tensors, slots = [], []
+        for path in chunk:
+            try:
+                tensors.append(view(decode_image(Path(path).read_bytes())))
+                slots.append(len(results))
+                results.append({"path": path})
+            except Exception as e:  # noqa: BLE001 - a bad file is reported by reason; the others are still predicted
+                results.append({"path": path, "error": f"{type(e).__name__}: {e}"[:200]})
+        if not tensors:
+            continue
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.stack(tensors).to(device)).float() / temperature, dim=-1).cpu()
+        conf, idx = probs.max(dim=-1)
+        for slot, c, i in zip(slots, conf.tolist(), idx.tolist()):
+            results[slot].update({"class": names[i], "index": i, "probability": c})
+    return results
