@@ -337,9 +337,11 @@ def write_report(run_dir: str | Path) -> dict:
         lines += ["", "No complete pseudo-label table of the pool: no score histograms."]
     else:
         if plot("pool_score_histograms.png", plots.score_histograms, out / "pool_score_histograms.png", panels):
+            no_ood = all(p["groups"]["OOD images"].size == 0 for p in panels)
             lines += ["", "![MSP and zero-shot MSP of ID vs OOD pool images](pool_score_histograms.png)", "",
                       f"*pool_score_histograms.png* — pool images of round {hist_round}'s pseudo-label table, by ground "
-                      "truth: share (%) of each group per score bin; dashed lines are the decision thresholds."]
+                      "truth: share (%) of each group per score bin; dashed lines are the decision thresholds."
+                      + (" This pool holds no OOD images, so only ID images are shown." if no_ood else "")]
 
     # --- pseudo-labels
     lines += ["", "## Pseudo-labels of the pool, per round", "",

@@ -46,6 +46,8 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                                    config=deepspeed_config(cfg.train))
     device = engine.device
+    # DeepSpeed casts the module to bf16/fp16 when enabled; inputs follow, the loss is computed in fp32.
+    in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
     prior = torch.tensor(config["prior"], dtype=torch.float32, device=device)
 
     # --- resume inside the round (Ray Train restarts failed workers from the last reported checkpoint)
@@ -66,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=False,
                                               local_shuffle_buffer_size=cfg.train.shuffle_buffer or None):
             code = batch["code"].to(device)
-            logits = engine(batch["image"].to(device))
+            logits = engine(batch["image"].to(device, dtype=in_dtype)).float()
             loss, parts = loft_loss(logits, code, batch["target"].to(device), batch["weight"].to(device),
                                     batch["soft"].to(device), prior, cfg.algorithm)
             engine.backward(loss)
