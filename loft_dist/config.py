@@ -36,7 +36,9 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = ""  # dataset dir or URI (file://, s3://, …) with labeled/ unlabeled/ test/ + dataset.json; "" = <run dir>/data
+    # The dataset dir (labeled/ unlabeled/ test/ [ood_test/] + dataset.json): a path or a pyarrow URI
+    # (file://, s3://, gs://, …); "" = <run dir>/data.
+    root: str = ""
     source: str = _choices("embedded", "cifar10", "cifar100", "imagefolder", "manifest")
     source_path: str = ""  # where the source lives (CIFAR dir, ImageFolder root, manifest .csv/.parquet)
     image_size: int = 32  # the model's input size; images are resized to it

@@ -3,6 +3,7 @@ crops of the two photos scikit-learn ships plus generated textures as the out-of
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -53,6 +54,13 @@ def digits_source() -> ArraySource:
     return ArraySource("sklearn_digits", images, d.target.astype(np.int64), list(DIGIT_NAMES))
 
 
+@functools.lru_cache(maxsize=1)
+def _sample_photos() -> tuple:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)
+
+
 class GeneratedOOD:
     """`count` OOD images made on demand: even indices are random crops of scikit-learn's two sample photos,
     odd ones generated textures. Image i depends only on (seed, i), so nothing is held in memory and a
@@ -64,7 +72,6 @@ class GeneratedOOD:
     def __init__(self, count: int, seed: int, size: int = 32):
         self.seed, self.size = int(seed), int(size)
         self.labels = np.full(int(count), -1, np.int64)
-        self._photos = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,11 +82,8 @@ class GeneratedOOD:
         rng = np.random.default_rng([self.seed, i])
         if i % 2:
             return _texture(rng, self.size)
-        if self._photos is None:
-            from sklearn.datasets import load_sample_images
-
-            self._photos = load_sample_images().images
-        photo = self._photos[i // 2 % len(self._photos)]
+        photos = _sample_photos()
+        photo = photos[i // 2 % len(photos)]
         # Crops of 1-4 output sides, clamped so large outputs (224 px) still fit the 427x640 photos.
         largest = min(4 * self.size, *photo.shape[:2])
         side = int(rng.integers(min(self.size, largest), largest + 1))

@@ -36,7 +36,7 @@ _NOT_CONTENT = ("root", "hflip")  # data keys that change no byte of the dataset
 
 
 def protocol_record(cfg: Config) -> dict:
-    """Everything that decides the dataset's content; dataset.json keeps it, and a rebuild is skipped when it matches."""
+    """Everything that decides the dataset's content; kept in dataset.json, a rebuild is skipped when it matches."""
     d = dataclasses.asdict(cfg.data)
     return {**{k: v for k, v in d.items() if k not in _NOT_CONTENT}, "seed": cfg.run.seed}
 
@@ -174,7 +174,8 @@ def plan_splits(cfg: Config) -> Plan:
     try:
         idx = protocol.split_long_tailed(labels, n, m, carve, d.labeled_in_unlabeled, seed)
     except protocol.ClassTooSmall as e:
-        raise SourceError(f"data.source_path={d.source_path or d.source}: {e} (class {e.cls} is {names[e.cls]!r})") from e
+        where = d.source_path or d.source
+        raise SourceError(f"data.source_path={where}: {e} (class {e.cls} is {names[e.cls]!r})") from e
 
     n_pool = len(idx["unlabeled"])
     want = d.ood_count if d.ood_count is not None else int(round(d.ood_ratio * n_pool))
@@ -184,9 +185,9 @@ def plan_splits(cfg: Config) -> Plan:
         if want == -1:
             want = len(ood) - d.ood_test
         if want < 0 or want + d.ood_test > len(ood):
-            raise SourceError(f"data.ood_path={d.ood_path}: holds {len(ood)} images, the build needs {max(want, 0)} for "
-                              f"the pool (data.ood_count / data.ood_ratio) + {d.ood_test} for ood_test (data.ood_test), "
-                              f"all different; lower those or use a larger OOD source")
+            raise SourceError(f"data.ood_path={d.ood_path}: holds {len(ood)} images, the build needs {max(want, 0)} "
+                              f"for the pool (data.ood_count / data.ood_ratio) + {d.ood_test} for ood_test "
+                              f"(data.ood_test), all different; lower those or use a larger OOD source")
         # A seeded draw without replacement: the pool's and ood_test's OOD images are never the same.
         pick = np.random.default_rng(seed + 1).permutation(len(ood))[:want + d.ood_test]
         ood_pool, ood_test = np.sort(pick[:want]), np.sort(pick[want:])

@@ -248,7 +248,8 @@ def shard_paths(root: str, split: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
     if not names:
-        raise FileNotFoundError(f"no Parquet shards in {_join(root, split)}; re-run `loft-dist prepare` for this dataset")
+        raise FileNotFoundError(f"no Parquet shards in {_join(root, split)}; re-run `loft-dist prepare` for this "
+                                f"dataset")
     if _is_local(fs):
         return [f"{d}/{n}" for n in names]
     return [_join(root, split, n) for n in names]

@@ -170,20 +170,21 @@ def pseudo_labels_by_class(path, names: list[str], precision: list, recall: list
 def score_histograms(path, panels: list[dict]) -> Path:
     """Histograms of a score for ID vs OOD pool images, one panel per score.
 
-    Each panel: {"title", "xlabel", "groups": {legend: values}, "lines": {legend: x}}; bars are each group's
-    share (%) so that a small OOD set stays visible next to a large ID set.
+    Each panel: {"title", "xlabel", "bins": edges, "groups": {legend: counts per bin}, "lines": {legend: x}};
+    each group is drawn as its share (%) per bin, so a small OOD set stays visible next to a large ID set.
     """
     fig = _figure(5.5 * len(panels), 4.2)
     axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
-    bins = np.linspace(0.0, 1.0, 41)
     colors = ["#1f78b4", "#e31a1c", "grey"]
     for ax, panel in zip(axes, panels):
-        for color, (label, values) in zip(colors, panel["groups"].items()):
-            values = np.asarray(values, dtype=float)
-            if values.size == 0:
+        for color, (label, counts) in zip(colors, panel["groups"].items()):
+            n = int(np.sum(counts))
+            if n == 0:
+                ax.plot([], [], color=color, label=f"{label}: none")
                 continue
-            ax.hist(values, bins=bins, weights=np.full(values.size, 100.0 / values.size), alpha=0.55,
-                    color=color, label=f"{label} (n={values.size})", histtype="stepfilled", edgecolor=color)
+            ax.stairs(100.0 * np.asarray(counts) / n, panel["bins"], fill=True, alpha=0.45, color=color,
+                      label=f"{label} (n={n})")
+            ax.stairs(100.0 * np.asarray(counts) / n, panel["bins"], color=color)
         for (label, x), ls in zip(panel.get("lines", {}).items(), ("--", ":", "-.")):
             ax.axvline(x, color="black", ls=ls, lw=1, label=f"{label} = {x:g}")
         ax.set_title(panel["title"], fontsize=10)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loft_dist.data.pseudo_labels import is_complete, read_columns
+from loft_dist.data.pseudo_labels import is_complete, read_columns, table_files
 from loft_dist.data.quarantine import quarantined_counts
 from loft_dist.data.store import write_json_atomic
 from loft_dist.eval import plots
@@ -134,24 +134,37 @@ def _pseudo_label_series(rounds: list[dict], tertiles: dict[str, list[int]]) -> 
     return series
 
 
+HIST_BINS = np.linspace(0.0, 1.0, 41)
+
+
+def _pool_histograms(table_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Bin counts of `msp` and `zs_msp` per ground-truth group, streamed batch by batch: the pool may hold
+    hundreds of millions of rows, so neither its columns nor Python strings of them are held whole."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    groups = ("ID images", "OOD images", "ground truth unknown")
+    counts = {s: {g: np.zeros(len(HIST_BINS) - 1, np.int64) for g in groups} for s in ("msp", "zs_msp")}
+    for f in table_files(table_dir):  # the same _SUCCESS rule as read_columns
+        for batch in pq.ParquetFile(f).iter_batches(columns=["msp", "zs_msp", "true_label", "error"], batch_size=1 << 16):
+            ok = pc.equal(batch.column("error"), "").to_numpy(zero_copy_only=False)
+            truth = batch.column("true_label").to_numpy(zero_copy_only=False).astype(float)  # null → NaN
+            masks = {"ID images": ok & (truth >= 0), "OOD images": ok & (truth < 0), "ground truth unknown": ok & np.isnan(truth)}
+            for score in counts:
+                values = batch.column(score).to_numpy(zero_copy_only=False).astype(float)
+                for g, mask in masks.items():
+                    v = values[mask]
+                    counts[score][g] += np.histogram(v[~np.isnan(v)], bins=HIST_BINS)[0]
+    return counts
+
+
 def _histogram_panels(run_dir: Path, rounds: list[dict], cfg: dict) -> tuple[list[dict], int | None]:
     """Panels of the pool's zero-shot MSP and of the latest teacher's MSP, split by ground truth (ID / OOD)."""
     tables = [m["round"] for m in rounds if is_complete(run_dir / "rounds" / f"r{m['round']}" / "pseudo_labels")]
     if not tables:
         return [], None
     r = tables[-1]
-    cols = read_columns(run_dir / "rounds" / f"r{r}" / "pseudo_labels", ["msp", "zs_msp", "true_label", "error"])
-    ok = cols["error"] == ""
-    truth = cols["true_label"].astype(float)[ok]  # nullable column: unknown ground truth arrives as NaN
-    msp, zs = cols["msp"].astype(float)[ok], cols["zs_msp"].astype(float)[ok]
-    known = ~np.isnan(truth)
-
-    def split(values):
-        groups = {"ID images": values[known & (truth >= 0)], "OOD images": values[known & (truth < 0)]}
-        if (~known).any():
-            groups["ground truth unknown"] = values[~known]
-        return {k: v[~np.isnan(v)] for k, v in groups.items()}
-
+    counts = _pool_histograms(run_dir / "rounds" / f"r{r}" / "pseudo_labels")
     a = cfg.get("algorithm") or {}
     pool_ood = next((m.get("pool_ood") for m in rounds if m["round"] == r), None) or {}
 
@@ -159,16 +172,20 @@ def _histogram_panels(run_dir: Path, rounds: list[dict], cfg: dict) -> tuple[lis
         v = (pool_ood.get(key) or {}).get("auroc")
         return "" if v is None else f", AUROC ID vs OOD {100 * v:.1f}%"
 
+    def groups(score):  # "unknown" appears only for pools without ground truth; ID / OOD always, even if empty
+        return {g: c for g, c in counts[score].items() if g != "ground truth unknown" or c.sum()}
+
     panels = []
-    if not np.isnan(zs).all():
+    if sum(c.sum() for c in counts["zs_msp"].values()):  # NaN everywhere: the run kept no zero-shot score
         lines = {"zs_threshold": a["zs_threshold"]} if a.get("zs_filter") and "zs_threshold" in a else {}
         panels.append({"title": f"Zero-shot MSP of the pool (stage-1 score){auroc('zs_msp')}",
-                       "xlabel": "zero-shot max softmax probability", "groups": split(zs), "lines": lines})
+                       "xlabel": "zero-shot max softmax probability", "bins": HIST_BINS, "groups": groups("zs_msp"),
+                       "lines": lines})
     if r >= 1:
         lines = {k: a[k] for k in ("c_hard", "c_ood") if k in a}
         panels.append({"title": f"Teacher MSP of the pool, round {r}{auroc('msp')}",
-                       "xlabel": "max softmax probability (teacher of round {})".format(r), "groups": split(msp),
-                       "lines": lines})
+                       "xlabel": f"max softmax probability (teacher of round {r})", "bins": HIST_BINS,
+                       "groups": groups("msp"), "lines": lines})
     return panels, r
 
 
@@ -337,7 +354,7 @@ def write_report(run_dir: str | Path) -> dict:
         lines += ["", "No complete pseudo-label table of the pool: no score histograms."]
     else:
         if plot("pool_score_histograms.png", plots.score_histograms, out / "pool_score_histograms.png", panels):
-            no_ood = all(p["groups"]["OOD images"].size == 0 for p in panels)
+            no_ood = all(p["groups"]["OOD images"].sum() == 0 for p in panels)
             lines += ["", "![MSP and zero-shot MSP of ID vs OOD pool images](pool_score_histograms.png)", "",
                       f"*pool_score_histograms.png* — pool images of round {hist_round}'s pseudo-label table, by ground "
                       "truth: share (%) of each group per score bin; dashed lines are the decision thresholds."

@@ -53,7 +53,7 @@ class AdaptFormerBlock(ResidualAttentionBlock):
         k_x = self.ln_1_kv(k_x) if hasattr(self, "ln_1_kv") and k_x is not None else None
         v_x = self.ln_1_kv(v_x) if hasattr(self, "ln_1_kv") and v_x is not None else None
         h = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
-        return h + self.ls_2(self.mlp(self.ln_2(h)) + self.adaptformer(h))
+        return h + self.ls_2(self.mlp(self.ln_2(h))) + self.adaptformer(h)
 
 
 def add_adaptformer(block: nn.Module, r: int, scale_init: float = 1.0) -> AdaptFormerBlock:

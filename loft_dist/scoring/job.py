@@ -98,3 +98,68 @@ def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str],
 
 def score_split(cfg, data_root: str, split: str, out_dir: str, **kwargs) -> int:
     return score_shards(cfg, shard_paths(data_root, split), out_dir, label=split, **kwargs)
+
+
+def _stage_image_folder(folder: Path, staging: Path, rows_per_shard: int) -> list[str]:
+    """An image folder → Parquet shards (ids = stable hash of the relative path), once; reused on re-runs."""
+    import hashlib
+
+    from loft_dist.data.sources import IMAGE_EXTENSIONS
+    from loft_dist.data.store import write_split
+
+    if (staging / SUCCESS).is_file():
+        return shard_paths(str(staging.parent), staging.name)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"scoring.input={folder} holds no Parquet shards and no images "
+                                f"({', '.join(IMAGE_EXTENSIONS)}); point it at a shard dir or an image folder")
+
+    def rows():
+        for p in files:
+            rel = str(p.relative_to(folder))
+            yield {"id": int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=8).digest(), "little") >> 1,
+                   "image": p.read_bytes(), "label": -1, "true_label": -1, "source": rel}
+
+    write_split(rows(), str(staging.parent), staging.name, rows_per_shard)
+    (staging / SUCCESS).write_text(json.dumps({"rows": len(files)}))
+    return shard_paths(str(staging.parent), staging.name)
+
+
+def run_score_job(cfg) -> int:
+    """`loft-dist score`: pseudo-label an arbitrary pool with a checkpoint; resumable chunk by chunk."""
+    from loft_dist.runtime import init_ray
+
+    s = cfg.scoring
+    if not s.input or not s.output:
+        raise FileNotFoundError("set scoring.input (a dir of Parquet image shards, a prepared dataset dir, or an "
+                                "image folder) and scoring.output (the table dir to write)")
+    src = Path(s.input)
+    if (src / "dataset.json").is_file():
+        paths = shard_paths(str(src), "unlabeled")
+    elif src.is_dir() and any(src.glob("*.parquet")):
+        paths = sorted(str(p) for p in src.glob("*.parquet"))
+    elif src.is_dir():
+        paths = _stage_image_folder(src, Path(s.output).with_name(f".{Path(s.output).name}.input"),
+                                    cfg.data.rows_per_shard)
+    else:
+        raise FileNotFoundError(f"scoring.input={s.input} does not exist")
+    class_names = _class_names(cfg, s.checkpoint)
+    init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0)
+    return score_shards(cfg, paths, str(Path(s.output).resolve()), class_names=class_names,
+                        mode="teacher" if s.checkpoint else "zero_shot",
+                        checkpoint=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, label="pool")
+
+
+def _class_names(cfg, checkpoint: str) -> list[str]:
+    from loft_dist.data.store import read_dataset_info
+    from loft_dist.models.checkpoint import STATE_FILE
+
+    if checkpoint:
+        state = Path(checkpoint) / STATE_FILE
+        if not state.is_file():
+            raise FileNotFoundError(f"scoring.checkpoint={checkpoint} holds no {STATE_FILE}: not a loft_dist checkpoint "
+                                    f"(use runs/<name>/rounds/r<k>/checkpoint)")
+        names = json.loads(state.read_text()).get("class_names")
+        if names:
+            return names
+    return read_dataset_info(cfg.data_root)["class_names"]

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from source_files import random_images, save_png, write_cifar10, write_cifar100
 
-from cifar_files import random_images, write_cifar10, write_cifar100
-
-SMALL_CLASSES = ["apple", "bear", "cloud", "dolphin", "maple"]
-SMALL_TRAIN_PER_CLASS = 30
-SMALL_TEST_PER_CLASS = 6
+SMALL_CLASSES = ["apple", "bear", "cloud", "dolphin", "maple"]  # also in test_prepare.py
+SMALL_TRAIN_PER_CLASS, SMALL_TEST_PER_CLASS = 30, 6
 
 
 def _balanced_labels(rng, classes: int, per_class: int) -> np.ndarray:
@@ -40,12 +37,6 @@ def small_cifar10(tmp_path) -> Path:
     return tmp_path / "c10"
 
 
-def save_png(path: Path, rng, size: int = 8) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, format="PNG")
-    return path.read_bytes()
-
-
 @pytest.fixture
 def image_tree(tmp_path) -> dict:
     """ImageFolder train/ and test/ trees with a long-tailed train set (40, 25, 10, 3, 1 images),
@@ -65,12 +56,15 @@ def image_tree(tmp_path) -> dict:
 
 @pytest.fixture
 def make_config(tmp_path):
-    """make_config(root_name, key=value, ...) → a validated Config writing to tmp_path/root_name."""
+    """make_config(root, key=value, ...) → a validated Config writing to tmp_path/root (or to root, a URI).
+
+    Keys are data.* keys; `section__key` names another section (run__seed=1)."""
     from loft_dist.config import load_config
 
     def make(root: str = "ds", **data):
-        overrides = [f"data.root={tmp_path / root}"] + [f"{k.replace('__', '.') if '__' in k else 'data.' + k}={v}"
-                                                          for k, v in data.items()]
+        root = root if "://" in root else tmp_path / root
+        overrides = [f"data.root={root}"] + [f"{k.replace('__', '.') if '__' in k else 'data.' + k}={v}"
+                                             for k, v in data.items()]
         return load_config(None, overrides)
 
     return make

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cifar_files import random_images, to_cifar_rows, write_cifar10, write_cifar100, write_py2_pickle
+from source_files import random_images, to_cifar_rows, write_cifar10, write_cifar100, write_py2_pickle
 from loft_dist.data.sources import (
     Source,
     SourceError,

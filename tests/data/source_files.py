@@ -1,4 +1,5 @@
-"""Writing CIFAR python pickles the way the official (Python 2) files were written, for fixtures."""
+"""Small sources in the real formats, for fixtures: CIFAR python pickles written the way the official
+(Python 2) files were, and PNG files for ImageFolder trees and manifests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -82,3 +84,9 @@ def write_cifar100(root: Path, splits: dict[str, tuple[np.ndarray, list[int]]], 
             b"data": to_cifar_rows(images),
         })
     return base
+
+
+def save_png(path: Path, rng, size: int = 8) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, format="PNG")
+    return path.read_bytes()

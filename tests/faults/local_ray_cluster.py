@@ -1,0 +1,117 @@
+"""A real `ray start` head node on 127.0.0.1, with its own temp dir and ports, for tests that need a cluster
+the test process is not part of (`ray job submit`, a driver killed and resubmitted).
+
+Stopped by process id, never with `ray stop`: that kills every Ray process on the machine, the test
+session's own (tests/conftest.py `ray_session`) and other people's included. Every process of this
+cluster carries a marker in its environment (inherited from `ray start`), so teardown finds exactly
+those, workers that renamed themselves `ray::…` included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+MARKER = "LOFT_DIST_TEST_CLUSTER"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def marked_processes(marker_value: str) -> list[psutil.Process]:
+    """Processes whose environment carries MARKER=marker_value: this cluster's, and only those."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and p.environ().get(MARKER) == marker_value:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+class LocalRayCluster:
+    """`ray start --head --block` in a child process; `.gcs_address` for drivers, `.dashboard_url` for `ray job`."""
+
+    def __init__(self, num_cpus: int = 4, object_store_bytes: int = 400_000_000, start_timeout: float = 300.0):
+        self.num_cpus, self.object_store_bytes, self.start_timeout = num_cpus, object_store_bytes, start_timeout
+        # Short: Ray's Unix socket paths live under it and must stay below ~107 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.log_path = Path(self.temp_dir) / "ray_start.log"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self, **extra: str) -> dict:
+        """Environment for a process that belongs to this cluster (a driver, `ray job submit`)."""
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update({MARKER: self.temp_dir, "RAY_AUTH_MODE": "disabled", **extra})
+        return env
+
+    def start(self) -> "LocalRayCluster":
+        cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+               "--num-cpus", str(self.num_cpus), "--object-store-memory", str(self.object_store_bytes),
+               "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=self.env(DS_ACCELERATOR="cpu"))
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`ray start` exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            if self._job_api_ready():
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Ray's job API at {self.dashboard_url} did not come up:\n{self.log_path.read_text()}")
+            time.sleep(1.0)
+
+    def _job_api_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM `ray start --block` (it shuts its node down), then SIGKILL whatever of ours is left."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for _ in range(3):
+            left = marked_processes(self.temp_dir)
+            if not left:
+                break
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(left, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalRayCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,105 @@
+"""The standalone scoring job: an actor pool over a large generated pool, exactly one row per image, resumable."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from loft_dist.config import load_config
+from loft_dist.data.store import IMAGE_SCHEMA
+from loft_dist.scoring.job import run_score_job
+
+pytestmark = pytest.mark.slow
+CLASSES = ["zero", "one", "two"]
+
+
+def _write_pool(root: Path, n: int, shards: int) -> list[int]:
+    """n rows in `shards` Parquet files; 64 distinct small PNGs reused (decoding still runs per row)."""
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    root.mkdir(parents=True)
+    ids = (np.arange(n, dtype=np.int64) * 7919 + 13)  # non-contiguous, like real ids
+    for s, part in enumerate(np.array_split(np.arange(n), shards)):
+        table = pa.table({"id": ids[part], "image": [pngs[i % 64] for i in part],
+                          "label": np.full(len(part), -1, np.int32), "true_label": np.full(len(part), -1, np.int32),
+                          "source": ["generated"] * len(part)}, schema=IMAGE_SCHEMA)
+        pq.write_table(table, root / f"part-{s:05d}.parquet")
+    return ids.tolist()
+
+
+def _cfg(tmp: Path, pool: Path, out: Path, *extra: str):
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    (data / "dataset.json").write_text(json.dumps({"schema_version": 1, "class_names": CLASSES}))
+    return load_config(None, [f"data.root={data}", f"scoring.input={pool}", f"scoring.output={out}",
+                              "scoring.batch_size=1024", *extra])
+
+
+def _ids(table: Path) -> list[int]:
+    return pq.read_table(sorted(table.glob("*.parquet")), columns=["id"]).column("id").to_pylist()
+
+
+def test_pool_of_50000_images_with_two_actors_writes_exactly_one_row_each(tmp_path, ray_session):
+    ids = _write_pool(tmp_path / "pool", 50_000, shards=16)
+    out = tmp_path / "scored"
+    cfg = _cfg(tmp_path, tmp_path / "pool", out, "scoring.min_actors=2", "scoring.max_actors=2",
+               "scoring.shards_per_chunk=8")
+    assert run_score_job(cfg) == 50_000
+    got = _ids(out)
+    assert len(got) == len(set(got)) == 50_000 and sorted(got) == sorted(ids)
+    assert json.loads((out / "_SUCCESS").read_text())["rows"] == 50_000
+    t = pq.read_table(sorted(out.glob("*.parquet")), columns=["decision", "probs"])
+    assert set(t.column("decision").to_pylist()) <= {"hard", "soft", "rejected", "ood"}
+    assert len(t.column("probs")[0].as_py()) == len(CLASSES)
+
+
+def test_killed_scoring_job_resumes_without_duplicate_or_missing_id(tmp_path, ray_session):
+    ids = _write_pool(tmp_path / "pool", 8_000, shards=8)
+    out = tmp_path / "scored"
+    overrides = [f"data.root={tmp_path / 'data'}", f"scoring.input={tmp_path / 'pool'}", f"scoring.output={out}",
+                 "scoring.shards_per_chunk=2", "scoring.batch_size=256", "run.num_cpus=4",
+                 "run.object_store_mb=300"]
+    _cfg(tmp_path, tmp_path / "pool", out)  # writes data/dataset.json
+    script = textwrap.dedent(f"""
+        from loft_dist.config import load_config
+        from loft_dist.scoring.job import run_score_job
+        run_score_job(load_config(None, {overrides!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = out.with_name(f".{out.name}.work")
+    deadline = time.time() + 300
+    while not (work / "chunk-00001" / "_SUCCESS").is_file():  # two of four chunks committed: kill mid-job
+        assert proc.poll() is None, "the scoring job ended before it could be killed"
+        assert time.time() < deadline, "the scoring job made no progress"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_SUCCESS").exists()
+    first = {f.name: f.stat().st_mtime_ns for f in (work / "chunk-00000").glob("*.parquet")}
+    assert first
+
+    cfg = load_config(None, overrides)
+    assert run_score_job(cfg) == 8_000
+    got = _ids(out)
+    assert len(got) == len(set(got)) == 8_000 and sorted(got) == sorted(ids)
+    kept = {f.name.removeprefix("chunk-00000-"): f.stat().st_mtime_ns for f in out.glob("chunk-00000-*.parquet")}
+    assert kept == first, "a chunk committed before the kill must not be scored again"
+    assert not work.exists()
