@@ -97,18 +97,47 @@ class PeftConfig:
 
 
 @dataclass
+class PafConfig:
+    """ULFine's prototype adaptive fitting (SPEC B.3, Decision 5; the unconfirmed pieces are these options)."""
+
+    momentum: float = 0.01  # mu of alpha_k = mu * P_u^k / max_i P_u^i (value UNCONFIRMED in the paper)
+    # P_u^k: pl_count = confident (hard) pseudo-labels of class k, mean_conf = teacher probability mass of class k;
+    # summed over the round so far (offline: the round's table as streamed; online: every step's decisions).
+    stat: str = _choices("pl_count", "mean_conf")
+    orth_weight: float = 0.1  # weight of ||P^ P^T - I||_F^2 over the L2-normalised text prototypes
+
+
+@dataclass
+class DlfConfig:
+    """ULFine's dual logit fusion of the text-prototype logits and the linear-probe logits (SPEC B.4)."""
+
+    rule: str = _choices("sum", "weighted", "prob")  # z_t + z_l | (1-w) z_t + w z_l | log((1-w) p_t + w p_l)
+    weight: float = 0.5  # w of the weighted and prob rules
+    # Where the fused logits are used; elsewhere the text-prototype logits are (train: each head gets its own loss).
+    use_for: list = field(default_factory=lambda: ["pseudo_label", "test"])
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = _choices("loft", "loft_ow")
+    # The method (loft_dist/algorithms/__init__.py METHODS); its name also sets the defaults it implies, e.g.
+    # fixmatch: c_hard = c_ood = 0.95, lambda_uc 0, tau 0; lp: peft.method none (YAML and overrides still win).
+    name: str = _choices("loft", "loft_ow", "ulfine", "fixmatch", "lp", "lft", "fft", "zero_shot")
+    # offline: the actor pool pseudo-labels the pool once per round; online: every step inside the train workers
+    # (FixMatch-style: B labeled + mu * B unlabeled rows, weak view → teacher, strong view → student).
+    mode: str = _choices("offline", "online")
     c_hard: float = 0.6  # MSP >= c_hard: hard pseudo-label
-    c_ood: float = 0.3  # MSP <= c_ood: rejected (stage-2 OOD); in between: soft pseudo-label
+    c_ood: float = 0.0  # MSP <= c_ood: rejected (stage-2 OOD; LoFT-OW 0.3); in between: soft. c_ood = c_hard: no soft band
     lambda_u: float = 3.0
     lambda_uc: float = 1.0
-    tau: float = 1.0  # logit adjustment strength of the supervised loss
+    tau: float = 1.0  # logit adjustment strength of the supervised loss (0 = plain CE)
     temperature: float = 1.0  # T of the teacher softmax
     soft_weight: str = _choices("one", "msp")  # SPEC decision 1
+    mu: int = 7  # online: unlabeled rows per labeled row in a step
     zs_filter: bool = False  # stage-1 zero-shot filter of the pool (LoFT-OW)
     zs_threshold: float = 0.6
     zs_keep: str = _choices("above", "below")
+    paf: PafConfig = field(default_factory=PafConfig)
+    dlf: DlfConfig = field(default_factory=DlfConfig)
 
 
 @dataclass
@@ -228,11 +257,7 @@ def _check_values(cfg: Config) -> None:
          "peft.layers", p.layers, "null (every block) or a non-empty list of block indices >= 0")
     need(bool(p.target_modules) or p.method != "lora", "peft.target_modules", p.target_modules,
          "a non-empty list of module names for peft.method=lora")
-    for key in ("c_hard", "c_ood", "zs_threshold"):
-        v = getattr(a, key)
-        need(0.0 <= v <= 1.0, f"algorithm.{key}", v, "a probability in [0, 1]")
-    need(a.c_ood <= a.c_hard, "algorithm.c_ood", a.c_ood, f"at most algorithm.c_hard ({a.c_hard})")
-    need(a.temperature > 0, "algorithm.temperature", a.temperature, "> 0")
+    _check_algorithm(cfg, need)
     need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "one of 0, 1, 2, 3")
     need(t.num_workers >= 1, "train.num_workers", t.num_workers, "an integer >= 1")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "an integer >= 1")
@@ -285,8 +310,46 @@ def _check_values(cfg: Config) -> None:
     need(cfg.rounds.num_rounds >= 0, "rounds.num_rounds", cfg.rounds.num_rounds, "an integer >= 0")
     need(cfg.eval.few_threshold <= cfg.eval.many_threshold, "eval.few_threshold", cfg.eval.few_threshold,
          f"at most eval.many_threshold ({cfg.eval.many_threshold})")
-    if a.name == "loft_ow" and not a.zs_filter:
-        pass  # LoFT-OW without stage 1 is a legitimate ablation
+
+
+def _check_algorithm(cfg: Config, need) -> None:
+    from loft_dist.algorithms import METHODS
+
+    a, p = cfg.algorithm, cfg.peft
+    for key in ("c_hard", "c_ood", "zs_threshold"):
+        v = getattr(a, key)
+        need(0.0 <= v <= 1.0, f"algorithm.{key}", v, "a probability in [0, 1]")
+    need(a.c_ood <= a.c_hard, "algorithm.c_ood", a.c_ood, f"at most algorithm.c_hard ({a.c_hard})")
+    need(a.temperature > 0, "algorithm.temperature", a.temperature, "> 0")
+    for key in ("lambda_u", "lambda_uc", "tau"):
+        need(getattr(a, key) >= 0, f"algorithm.{key}", getattr(a, key), ">= 0")
+    need(a.mu >= 1, "algorithm.mu", a.mu, "an integer >= 1 (unlabeled rows per labeled row in an online step)")
+    method = METHODS[a.name]
+    need(not method.peft_methods or p.method in method.peft_methods, "peft.method", p.method,
+         f"algorithm.name={a.name} ({method.summary}) is defined with peft.method "
+         f"{' | '.join(method.peft_methods)}")
+    need(a.mode == "offline" or method.pseudo_labels, "algorithm.mode", a.mode,
+         f"offline for algorithm.name={a.name}, which trains on no pseudo-labels")
+    need(a.paf.stat in ("pl_count", "mean_conf"), "algorithm.paf.stat", a.paf.stat, "pl_count | mean_conf")
+    need(0.0 <= a.paf.momentum <= 1.0, "algorithm.paf.momentum", a.paf.momentum, "in [0, 1]")
+    need(a.paf.orth_weight >= 0, "algorithm.paf.orth_weight", a.paf.orth_weight, ">= 0")
+    need(a.dlf.rule in ("sum", "weighted", "prob"), "algorithm.dlf.rule", a.dlf.rule, "sum | weighted | prob")
+    need(0.0 <= a.dlf.weight <= 1.0, "algorithm.dlf.weight", a.dlf.weight, "in [0, 1]")
+    uses = ("pseudo_label", "train", "test")
+    need(all(u in uses for u in a.dlf.use_for), "algorithm.dlf.use_for", a.dlf.use_for,
+         f"a list of {', '.join(uses)} (may be empty: the text-prototype logits everywhere)")
+
+
+def _method_defaults(layers: list[dict]) -> dict:
+    """The config values implied by the algorithm.name the layers end up with (they go beneath every layer)."""
+    from loft_dist.algorithms import METHODS
+
+    name = AlgorithmConfig().name
+    for layer in layers:
+        section = layer.get("algorithm")
+        if isinstance(section, dict) and "name" in section:
+            name = section["name"]
+    return METHODS[name].defaults if name in METHODS else {}  # an unknown name is reported by _check_values
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -307,9 +370,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             layers.append(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r} could not be parsed: {e}") from e
-    merged = OmegaConf.structured(Config)
     for layer in layers:
         _check_keys(layer, Config)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), _method_defaults(layers))
+    for layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:

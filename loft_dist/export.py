@@ -1,13 +1,16 @@
 """`loft-dist export` and `loft-dist predict`: one round's model as a self-contained directory, and
 inference from that directory alone — no run dir, no dataset, no Ray.
 
-Export layout (a loft_dist checkpoint without optimizer state, plus what is needed to rebuild the model):
-    adapter/{adapter_config.json, adapter_model.safetensors}   peft format (absent when peft.method = none)
+Export layout (the round's checkpoint without its DeepSpeed optimizer state, plus what rebuilds the model):
+    adapter/{adapter_config.json, adapter_model.safetensors}   the adapter (peft format for LoRA; none: absent)
     head.safetensors                                           cosine-head weights
-    export.json                                                class names, model + peft config, input size, …
+    … any other weights the method saves (ULFine: its linear head), train_state.json
+    export.json                                                class names, model / peft / algorithm config, …
     README.md                                                  model card
 The backbone itself is rebuilt from `model.name` / `model.pretrained` (an open_clip tag from the local cache,
-a weights file, or the seeded random init), exactly as training and scoring build it.
+a weights file, or the seeded random init), and the model and its test logits come from the same
+`loft_dist.algorithms.load_model` / `inference_logits` that the evaluation's scorer uses, so `predict`
+gives the probabilities the round was evaluated with.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
     model card. An existing `out_dir` is replaced only when it is empty or an earlier export."""
     from loft_dist.config import ConfigError, from_dict
     from loft_dist.eval.report import find_dataset_info, load_run_config
+    from loft_dist.train.loop import DS_DIR
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -97,19 +101,18 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
     rdir = run_dir / "rounds" / f"r{r}"
     metrics = json.loads((rdir / "metrics.json").read_text())
     ckpt = rdir / "checkpoint"
-    names = info["class_names"] if info else None
+    train_state = json.loads((ckpt / "train_state.json").read_text()) if (ckpt / "train_state.json").is_file() else {}
+    # dataset.json may live on storage the exporting machine cannot see; newer checkpoints carry the names too
+    names = info["class_names"] if info else train_state.get("class_names")
     if names is None:
         raise FileNotFoundError(f"dataset.json of {run_dir} not found (data.root={cfg.data.root!r}, or "
-                                f"{run_dir / 'data'}): the export needs the class names")
-    train_state = json.loads((ckpt / "train_state.json").read_text()) if (ckpt / "train_state.json").is_file() else {}
+                                f"{run_dir / 'data'}) and the checkpoint names no classes: the export needs them")
 
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "class_names": names,
-        "model": cfg_dict["model"], "peft": cfg_dict["peft"],
+        "model": cfg_dict["model"], "peft": cfg_dict["peft"], "algorithm": cfg_dict["algorithm"],
         "image_size": cfg.data.image_size, "view": VIEW,
-        # the softmax temperature the evaluation used, so predicted probabilities match the reported calibration
-        "temperature": cfg.algorithm.temperature,
         "round": r, "run": {"name": run_dir.name, "dir": str(run_dir.resolve())},
         "metrics": _headline(metrics), "train_state": train_state,
         "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -117,9 +120,10 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        if (ckpt / "adapter").is_dir():
-            shutil.copytree(ckpt / "adapter", tmp / "adapter")
-        shutil.copy2(ckpt / "head.safetensors", tmp / "head.safetensors")
+        for item in ckpt.iterdir():
+            if item.name == DS_DIR:  # optimizer state for exact resume: large, and useless for inference
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False))
         (tmp / "README.md").write_text(model_card(meta, cfg_dict, info))
         if out.exists():
@@ -134,6 +138,24 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
+def _tower(p: dict) -> str:
+    method = p.get("method")
+    if method == "full":
+        return "fine-tuned in full (every weight in adapter/)"
+    if method == "none":
+        return "frozen, no adapter (linear probe)"
+    if method == "lora":
+        return (f"frozen, with a LoRA adapter (r={p.get('r')}, alpha={p.get('alpha')}, on "
+                f"{', '.join(p.get('target_modules') or [])})")
+    return f"frozen, with a `{method}` adapter"
+
+
+def _method_summary(name) -> str:
+    from loft_dist.algorithms import METHODS
+
+    return METHODS[name].summary if name in METHODS else "a method this loft_dist does not know"
+
+
 def model_card(meta: dict, cfg: dict, info: dict | None) -> str:
     m, p, a, t = meta["model"], meta["peft"], cfg.get("algorithm", {}), cfg.get("train", {})
     names = meta["class_names"]
@@ -144,11 +166,9 @@ def model_card(meta: dict, cfg: dict, info: dict | None) -> str:
                 else f"random init, seed {m.get('init_seed')}: a demo model, not a useful classifier")
     lines = [
         f"# loft_dist model — {meta['run']['name']}, round {meta['round']}", "",
-        f"An open_clip `{m['name']}` image tower ({backbone}), frozen, with a `{p['method']}` adapter"
-        + (f" (r={p.get('r')}, alpha={p.get('alpha')}, on {', '.join(p.get('target_modules', []))})"
-           if p["method"] != "none" else "")
-        + f" and a cosine classifier (scale {m.get('head_scale')}) over {len(names)} classes, fine-tuned with "
-        f"`{a.get('name')}` (LoFT family: long-tailed semi-supervised fine-tuning of CLIP) by loft_dist.", "",
+        f"An open_clip `{m['name']}` image tower ({backbone}), {_tower(p)},"
+        + f" and a cosine classifier (scale {m.get('head_scale')}) over {len(names)} classes, trained by loft_dist "
+        f"with `algorithm.name={a.get('name')}` — {_method_summary(a.get('name'))}.", "",
         "## Use", "",
         "```", "loft-dist predict EXPORT_DIR image1.jpg image2.png [--json]", "```", "",
         "```python",
@@ -157,7 +177,8 @@ def model_card(meta: dict, cfg: dict, info: dict | None) -> str:
         "```", "",
         f"Input: any image PIL can read, converted to RGB, resized to {meta['image_size']}×{meta['image_size']} "
         f"(bicubic) and normalised with CLIP's mean/std (the `{meta['view']}` view of loft_dist.data.transforms). "
-        f"Output: softmax(logits / {meta['temperature']}) over the classes below.", "",
+        f"Output: softmax(test logits / {a.get('temperature', 1.0)}) over the classes below — the probabilities "
+        "the round's evaluation scored (its accuracy and calibration below).", "",
     ]
     if m.get("pretrained"):
         lines += [f"The backbone weights are not in this directory: `{m['pretrained']}` must be in the open_clip "
@@ -196,9 +217,9 @@ def model_card(meta: dict, cfg: dict, info: dict | None) -> str:
 # predict
 # --------------------------------------------------------------------------------------------
 def load_export(export_dir: str | Path, device: str = "cpu"):
-    """(model in eval mode on `device`, export.json dict); only loft_dist.models and safetensors, no Ray."""
+    """(the method's model in eval mode on `device`, export.json dict); no Ray, no run dir."""
+    from loft_dist.algorithms import load_model
     from loft_dist.config import from_dict
-    from loft_dist.models.checkpoint import load_classifier
 
     d = Path(export_dir)
     meta_path = d / EXPORT_FILE
@@ -209,8 +230,8 @@ def load_export(export_dir: str | Path, device: str = "cpu"):
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}; this loft_dist "
                          f"reads {FORMAT!r} up to v{FORMAT_VERSION}")
-    cfg = from_dict({"model": meta["model"], "peft": meta["peft"]})
-    model = load_classifier(cfg.model, cfg.peft, meta["class_names"], d).to(device)
+    cfg = from_dict({k: meta[k] for k in ("model", "peft", "algorithm")})
+    model = load_model(cfg, meta["class_names"], d).to(device).eval()
     return model, meta
 
 
@@ -218,11 +239,14 @@ def predict(export_dir: str | Path, images: list[str], batch_size: int = 32, dev
     """One dict per image, in order: {path, class, index, probability}, or {path, error} when it cannot be read."""
     import torch
 
+    from loft_dist.algorithms import inference_logits
+    from loft_dist.config import from_dict
     from loft_dist.data.transforms import build_view, decode_image
 
     model, meta = load_export(export_dir, device)
+    acfg = from_dict({"algorithm": meta["algorithm"]}).algorithm
     view = build_view(meta["view"], meta["image_size"], hflip=False)
-    names, temperature = meta["class_names"], meta["temperature"]
+    names = meta["class_names"]
     results: list[dict] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -237,7 +261,8 @@ def predict(export_dir: str | Path, images: list[str], batch_size: int = 32, dev
         if not tensors:
             continue
         with torch.inference_mode():
-            probs = torch.softmax(model(torch.stack(tensors).to(device)).float() / temperature, dim=-1).cpu()
+            logits = inference_logits(acfg, model, torch.stack(tensors).to(device), "test")
+            probs = torch.softmax(logits.float() / acfg.temperature, dim=-1).cpu()  # as the scorer's eval mode
         conf, idx = probs.max(dim=-1)
         for slot, c, i in zip(slots, conf.tolist(), idx.tolist()):
             results[slot].update({"class": names[i], "index": i, "probability": c})

@@ -60,14 +60,17 @@ def run(cfg: Config) -> dict:
     from loft_dist.data.prepare import prepare_dataset
     from loft_dist.eval.evaluate import evaluate_round
     from loft_dist.eval.report import write_report
-    from loft_dist.runtime import init_ray
+    from loft_dist.runtime import init_ray, preflight
 
+    preflight(cfg)  # an unwritable run.storage_path or a missing weights file fails here, before Ray starts
     run_dir = Path(cfg.run_dir).resolve()  # workers and actors run in other directories
     _check_same_run(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     state = RunState(run_dir)
-    R = cfg.rounds.num_rounds
+    from loft_dist.algorithms import get_method
+
+    R = cfg.rounds.num_rounds if get_method(cfg.algorithm.name).trains else 0  # zero-shot: round 0 is the run
     phases = ["prepare", "r0.score", "r0.eval"] + [f"r{r}.{p}" for r in range(1, R + 1) for p in ("score", "train", "eval")]
     todo = [p for p in phases if p not in state.done]
     log.info("run %s: %d rounds, %d of %d phases to do%s", run_dir, R, len(todo), len(phases),
@@ -114,11 +117,11 @@ def run(cfg: Config) -> dict:
                  "OOD (zero-shot filter) %d", r, rows, counts["hard"], counts["soft"], counts["rejected"], counts["ood"])
 
     def train(r: int) -> None:
-        from loft_dist.data.pseudo_labels import training_dataset
+        from loft_dist.data.pseudo_labels import round_datasets
         from loft_dist.train.trainer import fit_round
 
-        ds, n_acc = training_dataset(root, cfg, len(classes), str(rdir(r) / "pseudo_labels"))
-        log.info("round %d train set: %d labeled + %d accepted pseudo-labeled rows", r, info["rows"]["labeled"], n_acc)
+        ds, what = round_datasets(root, cfg, len(classes), str(rdir(r) / "pseudo_labels"), str(rdir(0) / "pseudo_labels"))
+        log.info("round %d train set (%s): %d %s", r, cfg.algorithm.name, info["rows"]["labeled"], what)
         metrics = fit_round(cfg, ds, class_names=classes, prior=prior,
                             init_checkpoint=str(rdir(r - 1) / "checkpoint") if r >= 2 else None, round_idx=r,
                             storage_path=str(run_dir / "ray_train"), out_dir=str(rdir(r) / "checkpoint"))

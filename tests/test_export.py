@@ -33,7 +33,7 @@ def trained_like(cfg, seed):
     return model.eval()
 
 
-def make_run(run, cfg, models: dict, completed: list[str] | None = None):
+def make_run(run, cfg, models: dict, completed: list[str] | None = None, save=save_weights):
     """A minimal run dir: config.yaml, data/dataset.json, rounds/r<k>/{checkpoint, metrics.json} per model."""
     (run / "data").mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
@@ -45,7 +45,7 @@ def make_run(run, cfg, models: dict, completed: list[str] | None = None):
     y = np.repeat(np.arange(5), 4)
     for r, model in models.items():
         rdir = run / "rounds" / f"r{r}"
-        save_weights(model, rdir / "checkpoint", {"epoch": 3, "loss": 1.25})
+        save(model, rdir / "checkpoint", {"epoch": 3, "loss": 1.25})
         m = {"round": r, "model": f"checkpoint of round {r}",
              "test": classification_metrics(y, np.roll(y, r), np.full(20, 0.5), LABELED)}
         (rdir / "metrics.json").write_text(json.dumps(m, allow_nan=False))
@@ -66,11 +66,11 @@ def write_images(d):
     return paths
 
 
-def expected(model, paths, size):
+def expected(model, paths, size, logits=None):
     view = build_view("clean", size, hflip=False)
     x = torch.stack([view(decode_image(open(p, "rb").read())) for p in paths])
     with torch.inference_mode():
-        probs = torch.softmax(model(x), dim=-1)
+        probs = torch.softmax(model(x) if logits is None else logits(model, x), dim=-1)
     conf, idx = probs.max(-1)
     return [(NAMES[i], c) for i, c in zip(idx.tolist(), conf.tolist())]
 
@@ -86,11 +86,13 @@ def test_export_then_predict_without_the_run(tmp_path, cfg, capsys):
     make_run(run, cfg, {1: model})
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "export.json", "head.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "export.json", "head.safetensors",
+                                                     "train_state.json"]  # no DeepSpeed optimizer state
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     meta = json.loads((out / "export.json").read_text())
     assert meta["class_names"] == NAMES and meta["round"] == 1 and meta["image_size"] == cfg.data.image_size
     assert meta["model"]["name"] == cfg.model.name and meta["peft"]["method"] == "lora"
+    assert meta["algorithm"]["name"] == cfg.algorithm.name
     card = (out / "README.md").read_text()
     for needle in ("## Data", "## Method", "## Metrics (round 1", "| torch |", "| open_clip_torch |", "| peft |",
                    "| loft_dist |", "Exported 20", "| n1 | 20 |", "| many | – |"):
@@ -154,3 +156,29 @@ def test_export_errors_name_the_problem(tmp_path, cfg, capsys):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     assert main(["predict", str(tmp_path / "busy"), "x.png"]) == 2
     assert "not a loft_dist export" in capsys.readouterr().err
+
+
+def test_a_ulfine_export_predicts_with_the_fused_logits(tmp_path, capsys):
+    """The method's own model and test logits (ULFine: linear head + dual logit fusion), as the evaluation scored."""
+    from loft_dist.algorithms import inference_logits, save_model
+    from loft_dist.algorithms.ulfine import ULFineClassifier
+
+    cfg = load_config(None, ["run.name=exp", "algorithm.name=ulfine"])
+    model = ULFineClassifier(trained_like(cfg, seed=3))
+    with torch.no_grad():
+        model.linear.weight.normal_(0, 1, generator=torch.Generator().manual_seed(4))
+    model.eval()
+    run = tmp_path / "exp"
+    make_run(run, cfg, {1: model}, save=save_model)
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    shutil.rmtree(run)
+    paths = write_images(tmp_path / "images")
+    capsys.readouterr()
+    assert main(["predict", str(out), *paths, "--json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = expected(model, paths, cfg.data.image_size, lambda m, x: inference_logits(cfg.algorithm, m, x, "test"))
+    assert [g["class"] for g in got] == [w[0] for w in want]
+    np.testing.assert_allclose([g["probability"] for g in got], [w[1] for w in want], rtol=0, atol=1e-6)
+    text_only = expected(model, paths, cfg.data.image_size, lambda m, x: m(x)["text"])
+    assert max(abs(t[1] - w[1]) for t, w in zip(text_only, want)) > 1e-3  # the linear head made a difference

@@ -35,13 +35,14 @@ def pseudo_label_decision(probs: torch.Tensor, c_hard: float, c_ood: float, soft
     """The three MSP bands of SPEC A.2 step 4 on teacher probabilities p (N, C).
 
     q = max_c p_c >= c_hard → hard (target argmax p, weight 1); c_ood < q < c_hard → soft (target p,
-    weight 1, or q with soft_weight="msp"); q <= c_ood → rejected (weight 0). Rows with keep == False
-    (stage-1 zero-shot filter) are `ood` (weight 0) whatever their MSP.
+    weight 1, or q with soft_weight="msp"); q <= c_ood → rejected (weight 0), unless q >= c_hard: c_ood = c_hard
+    is FixMatch's mask 1[q >= c_hard] with no soft band. Rows with keep == False (stage-1 zero-shot filter)
+    are `ood` (weight 0) whatever their MSP.
     """
     msp, pred = probs.max(dim=-1)
     code = torch.full_like(pred, SOFT)
-    code[msp >= c_hard] = HARD
-    code[msp <= c_ood] = REJECTED  # c_ood <= c_hard, and c_ood = 0 rejects nothing
+    code[msp <= c_ood] = REJECTED  # c_ood = 0 rejects nothing
+    code[msp >= c_hard] = HARD  # after REJECTED: with c_ood = c_hard (FixMatch) the tie q = c_hard is hard
     if keep is not None:
         code[~keep] = OOD
     weight = torch.zeros_like(msp)
@@ -68,3 +69,6 @@ def loft_loss(logits: torch.Tensor, code: torch.Tensor, target: torch.Tensor, we
     loss = l_s + cfg.lambda_u * l_hard + cfg.lambda_uc * l_soft
     return loss, {"loss": float(loss.detach()), "loss_s": float(l_s.detach()), "loss_hard": float(l_hard.detach()),
                   "loss_soft": float(l_soft.detach())}
+
+
+loss = loft_loss  # the method's loss as the training loop calls it (algorithms.training_loss)

@@ -5,6 +5,13 @@ Ids are stable across re-runs and never collide: an image keeps its index in the
 from, offset by that source (training source i → i, official test set i → TEST_ID_OFFSET + i,
 OOD source i → OOD_ID_OFFSET + i).
 
+Labeled and pool rows are written in a seeded random order, so every training shard holds a mix of
+classes (and the pool's share of OOD images) whatever the source's order; sources are therefore
+read with random access (test splits are written in source order).
+That is cheap for CIFAR (in memory), ImageFolder trees and path manifests (one file per image); a
+Parquet manifest holding image bytes is cached by row group up to 512 MB, beyond that its row
+groups are re-read, and a path manifest is the better source.
+
 Bad records (labels out of range, unknown class names, missing files or columns, empty classes)
 stop the build with a SourceError that names the config key, the file and the record. Image
 bytes are stored as they are, undecodable ones included: those are quarantined when streamed

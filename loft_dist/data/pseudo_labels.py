@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from loft_dist.algorithms.loft import DECISIONS, HARD, LABELED, SOFT
 from loft_dist.data.store import read_split
-from loft_dist.data.transforms import decode_batch
+from loft_dist.data.transforms import build_view, decode_batch, decode_image
 
 SUCCESS = "_SUCCESS"
 IGNORED = -2  # code of rows that failed to decode: they get no loss, and are counted
@@ -143,6 +143,80 @@ def training_dataset(data_root: str, cfg, num_classes: int, pl_table: str | None
         decode_batch, fn_kwargs=views, batch_format="numpy", num_cpus=t.cpus_per_data_task,
     ).map_batches(_to_train_columns, batch_format="numpy")
     return ds, n_accepted
+
+
+def _only_ids(batch: dict, ids_ref) -> dict:
+    """Keep the rows whose id is in a sorted id array (shared via the object store)."""
+    import ray
+
+    ids = ray.get(ids_ref) if isinstance(ids_ref, ray.ObjectRef) else ids_ref
+    pos = np.clip(np.searchsorted(ids, batch["id"]), 0, max(len(ids) - 1, 0))
+    hit = (ids[pos] == batch["id"]) if len(ids) else np.zeros(len(batch["id"]), bool)
+    return {k: v[hit] for k, v in batch.items()}
+
+
+def _weak_and_strong(batch: dict, student_view: str, image_size: int, hflip: bool) -> dict:
+    """Online pool rows: `image_weak` (the teacher's view) and `image` (the student's, strong by default).
+
+    Each image is decoded once for both views; `ok` is 0 for a row that did not decode (its loss is ignored).
+    """
+    import torch
+
+    weak, strong = build_view("weak", image_size, hflip), build_view(student_view, image_size, hflip)
+    images = batch.pop("image")
+    out = {v: np.zeros((len(images), 3, image_size, image_size), np.float32) for v in ("image_weak", "image")}
+    ok = np.zeros(len(images), np.int8)
+    for i, data in enumerate(images):
+        try:
+            img = decode_image(data)
+        except Exception:  # noqa: BLE001 - a bad record; the scorer's tables quarantine it with its reason
+            continue
+        with torch.no_grad():
+            out["image_weak"][i], out["image"][i] = weak(img).numpy(), strong(img).numpy()
+        ok[i] = 1
+    return {"id": batch["id"], **out, "ok": ok}
+
+
+def online_datasets(data_root: str, cfg, num_classes: int, zs_table: str | None):
+    """Online mode: {"train": labeled rows, "pool": unlabeled rows with weak + strong views}, and the pool size.
+
+    LoFT-OW's stage-1 filter (algorithm.zs_filter) drops the pool rows the round-0 zero-shot table rejects,
+    as the released code never puts them in its unlabeled set.
+    """
+    import ray
+    import torch
+
+    from loft_dist.algorithms.loft import zero_shot_keep
+
+    labeled, _ = training_dataset(data_root, cfg, num_classes, None)
+    pool = read_split(data_root, "unlabeled", columns=["id", "image"])
+    a, t = cfg.algorithm, cfg.train
+    if a.zs_filter:
+        z = read_columns(zs_table, ["id", "zs_msp"])
+        keep = zero_shot_keep(torch.from_numpy(z["zs_msp"].astype(np.float32)), a.zs_threshold, a.zs_keep).numpy()
+        kept = np.sort(z["id"][keep])
+        pool = pool.map_batches(_only_ids, fn_kwargs={"ids_ref": ray.put(kept)}, batch_format="numpy")
+        n_pool = len(kept)
+    else:
+        n_pool = len(read_columns(zs_table, ["id"])["id"])
+    pool = pool.randomize_block_order(seed=cfg.run.seed).map_batches(
+        _weak_and_strong, fn_kwargs={"student_view": t.unlabeled_view, "image_size": cfg.data.image_size,
+                                     "hflip": cfg.data.hflip},
+        batch_format="numpy", num_cpus=t.cpus_per_data_task)
+    return {"train": labeled, "pool": pool}, n_pool
+
+
+def round_datasets(data_root: str, cfg, num_classes: int, pl_table: str, zs_table: str) -> tuple[dict, str]:
+    """The Ray datasets one round trains on (by algorithm.mode and method), and a line saying what they hold."""
+    from loft_dist.algorithms import get_method
+
+    if cfg.algorithm.mode == "online":
+        ds, n_pool = online_datasets(data_root, cfg, num_classes, zs_table)
+        return ds, f"labeled rows + {n_pool} pool rows pseudo-labeled at every step (online)"
+    table = pl_table if get_method(cfg.algorithm.name).pseudo_labels else None
+    ds, n_accepted = training_dataset(data_root, cfg, num_classes, table)
+    return {"train": ds}, (f"labeled rows + {n_accepted} accepted pseudo-labeled rows" if table else
+                           f"labeled rows only ({cfg.algorithm.name} trains on no pseudo-labels)")
 
 
 def pool_decisions(table_dir: str | Path) -> dict[str, int]:

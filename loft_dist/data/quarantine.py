@@ -1,4 +1,5 @@
-"""Bad records found while streaming a split: written with id and reason to <run>/quarantine/, counted, never dropped silently."""
+"""Bad records: undecodable images found while streaming a split are written with id and reason to <run>/quarantine/,
+counted, never dropped silently; records that break the dataset's contract (a repeated id) stop the run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,43 @@ from pathlib import Path
 
 import numpy as np
 
+from loft_dist.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class DuplicateIdError(ConfigError):
+    """Two records of one split share an id: every table keyed by id (pseudo-labels, predictions) would be wrong."""
+
+
+def check_unique_ids(paths: list[str], what: str = "") -> int:
+    """Raise DuplicateIdError (naming the files and records) if an id repeats across these Parquet shards; else the
+    row count. Reads only the id column (8 bytes a row)."""
+    import pyarrow.parquet as pq
+
+    from loft_dist.data.store import resolve_root
+
+    ids, file_of, row_of = [], [], []
+    for k, path in enumerate(paths):
+        fs, p = resolve_root(path)
+        with fs.open_input_file(p) as f:
+            col = pq.read_table(f, columns=["id"]).column("id").to_numpy()
+        ids.append(col)
+        file_of.append(np.full(len(col), k, np.int32))
+        row_of.append(np.arange(len(col), dtype=np.int64))
+    if not ids:
+        return 0
+    ids, file_of, row_of = np.concatenate(ids), np.concatenate(file_of), np.concatenate(row_of)
+    order = np.argsort(ids, kind="stable")
+    repeat = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(repeat):
+        a, b = order[repeat[0]], order[repeat[0] + 1]
+        n = len(np.unique(ids[order][repeat + 1]))
+        raise DuplicateIdError(
+            f"{what + ': ' if what else ''}id {int(ids[a])} appears twice: {paths[file_of[a]]} record {int(row_of[a])} "
+            f"and {paths[file_of[b]]} record {int(row_of[b])} ({n} ids repeated in all); ids must be unique within a "
+            f"split — rebuild it with `loft-dist prepare`, or fix the tool that wrote these shards")
+    return int(len(ids))
 
 
 def quarantine(table_dir: str | Path, run_dir: str | Path, split: str) -> int:

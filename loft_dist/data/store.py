@@ -187,7 +187,7 @@ def _commit_dir(fs: pafs.FileSystem, tmp: str, final: str) -> None:
         # Two renames keep the window without a split to an instant; the old split is deleted after.
         old = None
         if os.path.exists(final):
-            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+            old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)
         os.replace(tmp, final)
         if old:

@@ -153,8 +153,11 @@ def pseudo_labels_by_class(path, names: list[str], precision: list, recall: list
     ax = fig.subplots()
     prec = _pct([precision[c] for c in order])
     rec = _pct([recall[c] for c in order])
-    ax.plot(x, rec, color="#1f78b4", marker="s", ms=4, lw=1, label="recall: accepted and right / ID pool images of the class")
-    ax.plot(x, prec, color="black", marker="o", ms=5, lw=0, label="precision: right / accepted as the class")
+    small = len(names) > 100  # a thousand full-size markers hide each other
+    ax.plot(x, rec, color="#1f78b4", marker="s", ms=2 if small else 4, lw=0.6 if small else 1,
+            label="recall: accepted and right / ID pool images of the class")
+    ax.plot(x, prec, color="black", marker="o", ms=2.5 if small else 5, lw=0,
+            label="precision: right / accepted as the class")
     missing = int(np.isnan(prec).sum())
     if missing:
         ax.plot([], [], lw=0, label=f"({missing} classes received no pseudo-label: no precision point)")
@@ -191,7 +194,7 @@ def score_histograms(path, panels: list[dict]) -> Path:
         ax.set_xlabel(panel["xlabel"])
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center")
+        ax.legend(fontsize=8, loc="best")
     axes[0].set_ylabel("share of the group's images (%)")
     return _save(fig, path)
 

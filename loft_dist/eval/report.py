@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ PLOTS = {  # file → what it shows; a file not written this time is removed, so
 }
 WORST_K = 8  # rows of the confusion summary
 CONFUSIONS_PER_CLASS = 3
+HIST_BINS = np.linspace(0.0, 1.0, 41)  # score histograms: 40 bins of 0.025
 
 
 def _pct(v) -> str:
@@ -93,17 +95,12 @@ def _last_with(rounds: list[dict], pred) -> dict | None:
 # --------------------------------------------------------------------------------------------
 # data behind each figure
 # --------------------------------------------------------------------------------------------
-def _accuracy_figure(out: Path, rounds: list[dict], rules: dict[str, str]) -> Path:
+def _accuracy_figure(path: Path, rounds: list[dict], rules: dict[str, str]) -> Path:
     idx = [m["round"] for m in rounds]
     t = [m["test"] for m in rounds]
-    labels = {}
-    for g in GROUPS:
-        if all(x["groups"][g]["empty"] for x in t):
-            labels[g] = f"{g} ({rules[g]}): empty"
-        else:
-            labels[g] = f"{g} ({rules[g]})"
+    labels = {g: f"{g} ({rules[g]})" + (": empty" if all(x["groups"][g]["empty"] for x in t) else "") for g in GROUPS}
     return plots.accuracy_by_round(
-        out / "accuracy_by_round.png", idx,
+        path, idx,
         {k: [x[k] for x in t] for k in ("accuracy", "balanced_accuracy")},
         {g: [x["groups"][g]["accuracy"] for x in t] for g in GROUPS},
         {g: [x["tertiles"][g]["accuracy"] for x in t] for g in TERTILES}, labels)
@@ -130,11 +127,8 @@ def _pseudo_label_series(rounds: list[dict], tertiles: dict[str, list[int]]) -> 
         series["precision"][name] = [_mean(m["pseudo_labels"]["precision_per_class"][c] for c in classes)
                                      for m in with_truth]
         series["recall"][name] = [_mean(m["pseudo_labels"]["recall_per_class"][c] for c in classes)
-                                    for m in with_truth]
+                                  for m in with_truth]
     return series
-
-
-HIST_BINS = np.linspace(0.0, 1.0, 41)
 
 
 def _pool_histograms(table_dir: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -146,10 +140,12 @@ def _pool_histograms(table_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     groups = ("ID images", "OOD images", "ground truth unknown")
     counts = {s: {g: np.zeros(len(HIST_BINS) - 1, np.int64) for g in groups} for s in ("msp", "zs_msp")}
     for f in table_files(table_dir):  # the same _SUCCESS rule as read_columns
-        for batch in pq.ParquetFile(f).iter_batches(columns=["msp", "zs_msp", "true_label", "error"], batch_size=1 << 16):
+        for batch in pq.ParquetFile(f).iter_batches(columns=["msp", "zs_msp", "true_label", "error"],
+                                                    batch_size=1 << 16):
             ok = pc.equal(batch.column("error"), "").to_numpy(zero_copy_only=False)
             truth = batch.column("true_label").to_numpy(zero_copy_only=False).astype(float)  # null → NaN
-            masks = {"ID images": ok & (truth >= 0), "OOD images": ok & (truth < 0), "ground truth unknown": ok & np.isnan(truth)}
+            masks = {"ID images": ok & (truth >= 0), "OOD images": ok & (truth < 0),
+                     "ground truth unknown": ok & np.isnan(truth)}
             for score in counts:
                 values = batch.column(score).to_numpy(zero_copy_only=False).astype(float)
                 for g, mask in masks.items():
@@ -216,8 +212,37 @@ def _confusion(run_dir: Path, final: dict, num_classes: int) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------
-# the report
+# the report: one section function per heading, appending to a shared _Report
 # --------------------------------------------------------------------------------------------
+@dataclass
+class _Report:
+    run_dir: Path
+    out: Path
+    rounds: list[dict]
+    cfg: dict
+    names: list[str]
+    labeled: list[int] | None  # labeled images per class; None when dataset.json is not found
+    rules: dict[str, str]
+    lines: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict:
+        return self.rounds[-1]
+
+    def figure(self, name: str, caption: str, fn, *args) -> None:
+        """Draw `name` and embed it with its caption; a figure that fails costs a note, not the report."""
+        try:
+            fn(self.out / name, *args)
+        except Exception as e:  # noqa: BLE001
+            log.warning("report: figure %s not written: %s: %s", name, type(e).__name__, e)
+            self.notes.append(f"{name} could not be drawn ({type(e).__name__}: {e}).")
+            return
+        self.written.append(name)
+        self.lines += ["", f"![{PLOTS[name]}]({name})", "", f"*{name}* — {caption}"]
+
+
 def _data_summary(info: dict | None, cfg: dict) -> list[str]:
     lines = []
     if info:
@@ -229,184 +254,184 @@ def _data_summary(info: dict | None, cfg: dict) -> list[str]:
                      f"OOD test {rows.get('ood_test', 0)}.")
     a, m, p = cfg.get("algorithm") or {}, cfg.get("model") or {}, cfg.get("peft") or {}
     if a:
-        lines.append(f"Method: {a.get('name')} (c_hard {a.get('c_hard')}, c_ood {a.get('c_ood')}, zero-shot filter "
-                     f"{'on' if a.get('zs_filter') else 'off'}); model {m.get('name')} "
-                     f"({m.get('pretrained') or 'random init'}) with {p.get('method')} adapter; "
+        from loft_dist.algorithms import METHODS
+
+        summary = METHODS[a["name"]].summary if a.get("name") in METHODS else a.get("name")
+        lines.append(f"Method: `{a.get('name')}` — {summary}. This run: c_hard {a.get('c_hard')}, c_ood "
+                     f"{a.get('c_ood')}, zero-shot filter {'on' if a.get('zs_filter') else 'off'}; model "
+                     f"{m.get('name')} ({m.get('pretrained') or 'random init'}), peft.method {p.get('method')}; "
                      f"{(cfg.get('rounds') or {}).get('num_rounds', '–')} rounds.")
     return lines
 
 
+def _section_accuracy(rep: _Report) -> list[str]:
+    """The accuracy table of every round and its figure; returns the empty groups of the final round."""
+    rep.lines += ["Accuracy in % on the test split; groups by labeled count (many / medium / few) and by frequency "
+                  "tertiles (head / mid / tail). Round 0 is zero-shot CLIP.", "",
+                  "| round | model | acc | balanced | macro-F1 | many | medium | few | head | mid | tail | ECE | AUROC (MSP) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in rep.rounds:
+        t, g, tt = m["test"], m["test"]["groups"], m["test"]["tertiles"]
+        auroc = m.get("ood_test", {}).get("auroc")
+        rep.lines.append(f"| {m['round']} | {m['model']} | {_pct(t['accuracy'])} | {_pct(t['balanced_accuracy'])} | "
+                         f"{_pct(t['macro_f1'])} | " + " | ".join(_pct(g[k]['accuracy']) for k in GROUPS)
+                         + " | " + " | ".join(_pct(tt[k]['accuracy']) for k in TERTILES)
+                         + f" | {_pct(t['ece'])} | {_pct(auroc)} |")
+    empty = [k for k in GROUPS if rep.final["test"]["groups"][k]["empty"]]
+    if empty:
+        rep.lines += ["", "Empty groups: " + "; ".join(f"{k} — no class has {rep.rules[k]}" for k in empty)
+                      + ". Shown as – in the tables and left out of the plots; the tertiles are never empty."]
+    rep.figure("accuracy_by_round.png", "test accuracy (%) per round: overall, class-balanced, and by labeled-count "
+               "group (left) or frequency tertile (right).", _accuracy_figure, rep.rounds, rep.rules)
+    return empty
+
+
+def _section_per_class(rep: _Report) -> list[dict]:
+    """Per-class accuracy of the final round and the worst classes' confusions; returns the worst classes."""
+    final, names = rep.final, rep.names
+    rep.lines += ["", f"## Per-class accuracy (round {final['round']})"]
+    acc = final["test"]["per_class_accuracy"]
+    if rep.labeled is None:
+        rep.lines += ["", "dataset.json of the run was not found, so classes cannot be ordered by labeled count; "
+                      "no per-class figure."]
+    else:
+        missing = sum(a is None for a in acc)
+        rep.figure("per_class_accuracy.png", "bars: test accuracy (%) of each class, sorted by labeled count and "
+                   "coloured by group; line: labeled images per class."
+                   + (f" {missing} classes have no test images and no bar." if missing else ""),
+                   plots.per_class_accuracy, names, acc, rep.labeled, _class_groups(final["test"], len(names)),
+                   final["round"])
+    conf = _confusion(rep.run_dir, final, len(names))
+    if conf is None:
+        rep.lines += ["", f"No complete rounds/r{final['round']}/predictions/test table: no confusion summary."]
+        return []
+    rep.lines += ["", f"### Worst classes (round {final['round']})", "",
+                  "| class | labeled | test images | accuracy | most often predicted as |", "|---|---|---|---|---|"]
+    worst = []
+    for r in conf["rows"]:
+        where = ", ".join(f"{names[k['class']]} {100 * k['share']:.0f}%" for k in r["predicted_as"]) or "–"
+        rep.lines.append(f"| {names[r['class']]} | {rep.labeled[r['class']] if rep.labeled else '–'} | {r['n']} | "
+                         f"{_pct(r['accuracy'])} | {where} |")
+        worst.append({"class": r["class"], "name": names[r["class"]], "test_images": r["n"], "accuracy": r["accuracy"],
+                      "predicted_as": [{**k, "name": names[k["class"]]} for k in r["predicted_as"]]})
+    rep.figure("worst_classes_confusion.png", "rows: the classes with the lowest test accuracy; columns: every class "
+               f"among a row's {CONFUSIONS_PER_CLASS} most frequent predictions, then all others; cells: share (%) of "
+               "the row's test images.", plots.confusion_worst, [names[r["class"]] for r in conf["rows"]],
+               [names[k] for k in conf["columns"]] + ["other"], conf["shares"],
+               [r["accuracy"] for r in conf["rows"]], final["round"])
+    return worst
+
+
+def _section_calibration(rep: _Report) -> None:
+    rep.lines += ["", "## Calibration"]
+    first, final = rep.rounds[0], rep.final
+    diagrams = [{"title": f"Round {m['round']} — {m['model']}, ECE {_pct(m['test']['ece'])}%",
+                 "bins": m["test"]["reliability"]}
+                for m in ([first] if first is final else [first, final]) if m["test"].get("reliability")]
+    if not diagrams:
+        rep.lines += ["", "No reliability data (the evaluation recorded no confidences)."]
+        return
+    rep.figure("reliability.png", "top: accuracy of the test images in each confidence bin (blue) and the gap to the "
+               "bin's mean confidence (hatched); the dashed diagonal is perfect calibration. Bottom: share (%) of "
+               "test images per bin.", plots.reliability, diagrams)
+
+
+def _section_ood(rep: _Report) -> None:
+    rep.lines += ["", "## OOD detection", "",
+                  "| round | OOD test AUROC | AUPR-in | AUPR-out | FPR@95 | pool AUROC (MSP) | pool AUROC (zero-shot MSP) |",
+                  "|---|---|---|---|---|---|---|"]
+    for m in rep.rounds:
+        o, po = m.get("ood_test") or {}, m.get("pool_ood") or {}
+        rep.lines.append(f"| {m['round']} | {_pct(o.get('auroc'))} | {_pct(o.get('aupr_in'))} | "
+                         f"{_pct(o.get('aupr_out'))} | {_pct(o.get('fpr95'))} | "
+                         f"{_pct((po.get('msp') or {}).get('auroc'))} | {_pct((po.get('zs_msp') or {}).get('auroc'))} |")
+    rep.lines += ["", "MSP = max softmax probability, higher = more in-distribution; – = no OOD images to compare with."]
+    panels, r = _histogram_panels(rep.run_dir, rep.rounds, rep.cfg)
+    if not panels:
+        rep.lines += ["", "No complete pseudo-label table of the pool: no score histograms."]
+        return
+    no_ood = all(p["groups"]["OOD images"].sum() == 0 for p in panels)
+    rep.figure("pool_score_histograms.png", f"pool images of round {r}'s pseudo-label table, by ground truth: share "
+               "(%) of each group per score bin; dashed lines are the decision thresholds."
+               + (" This pool holds no OOD images, so only ID images are shown." if no_ood else ""),
+               plots.score_histograms, panels)
+
+
+def _section_pseudo_labels(rep: _Report) -> None:
+    rep.lines += ["", "## Pseudo-labels of the pool, per round", "",
+                  "| round | hard | soft | rejected (MSP ≤ c_ood) | OOD (zero-shot filter) | coverage | precision | OOD admitted |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for m in rep.rounds:
+        p = m.get("pseudo_labels")
+        if p:
+            c = p["counts"]
+            rep.lines.append(f"| {m['round']} | {c['hard']} | {c['soft']} | {c['rejected']} | {c['ood']} | "
+                             f"{_pct(p.get('coverage'))} | {_pct(p.get('precision'))} | "
+                             f"{p.get('ood_admitted', '–')} / {p.get('ood_total', '–')} |")
+    rep.lines += ["", "Coverage = accepted ID images / ID images in the pool; precision = right / accepted, an "
+                  "admitted OOD image counting as wrong; – = nothing accepted."]
+    from loft_dist.algorithms import METHODS
+
+    a = rep.cfg.get("algorithm") or {}
+    if a.get("name") in METHODS and not METHODS[a["name"]].pseudo_labels:
+        rep.lines += ["", f"`{a['name']}` trains on labeled data only: the pool is scored each round for these "
+                      "statistics, never trained on."]
+    elif a.get("mode") == "online":
+        rep.lines += ["", "Online mode: these tables are the pool scored by each round's starting model; the student "
+                      "trains on per-step decisions from its own weak view (their shares are in the training metrics)."]
+    series = _pseudo_label_series(rep.rounds, {k: rep.final["test"]["tertiles"][k]["classes"] for k in TERTILES})
+    if not series["rounds"]:
+        rep.lines += ["", "The pool has no ground truth: pseudo-label precision and coverage cannot be measured."]
+        return
+    rep.figure("pseudo_labels_by_round.png", "left: precision and coverage (%) of the accepted pseudo-labels and the "
+               "share of the pool's OOD images admitted; right: per-class precision and recall (accepted and right / "
+               "ID images of the class), averaged within each frequency tertile (a tertile with no accepted image has "
+               "no precision point).", plots.pseudo_labels_by_round, series["rounds"], series["overall"],
+               series["precision"], series["recall"])
+    last = _last_with(rep.rounds, lambda m: "precision_per_class" in (m.get("pseudo_labels") or {}))
+    if rep.labeled is not None:
+        p = last["pseudo_labels"]
+        rep.figure("pseudo_labels_by_class.png", f"round {last['round']}: per-class precision (by pseudo-label) and "
+                   "recall (accepted and right, by true class), classes sorted by labeled count.",
+                   plots.pseudo_labels_by_class, rep.names, p["precision_per_class"], p["recall_per_class"],
+                   rep.labeled, last["round"])
+
+
 def write_report(run_dir: str | Path) -> dict:
+    """report/report.md, report/metrics.json and the figures of a run dir; returns the summary written."""
     run_dir = Path(run_dir)
     rounds = [_finite(m) for m in load_rounds(run_dir)]
     if not rounds:
         raise FileNotFoundError(f"{run_dir} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
     cfg = load_run_config(run_dir)
     info = find_dataset_info(run_dir, cfg)
-    final = rounds[-1]
-    num_classes = len(final["test"]["per_class_accuracy"])
-    names = info["class_names"] if info else [f"class {c}" for c in range(num_classes)]
-    labeled = info["counts"]["labeled"] if info else None
-    rules = _group_rules(cfg)
+    num_classes = len(rounds[-1]["test"]["per_class_accuracy"])
+    rep = _Report(run_dir=run_dir, out=run_dir / "report", rounds=rounds, cfg=cfg,
+                  names=info["class_names"] if info else [f"class {c}" for c in range(num_classes)],
+                  labeled=info["counts"]["labeled"] if info else None, rules=_group_rules(cfg))
+    rep.out.mkdir(exist_ok=True)
     quarantined = quarantined_counts(run_dir)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
-    written: list[str] = []
-    notes: list[str] = []
 
-    def plot(name: str, fn, *args) -> bool:
-        # A figure that fails must not cost the user the whole report (the tables still carry the numbers).
-        try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001
-            log.warning("report: figure %s not written: %s: %s", name, type(e).__name__, e)
-            notes.append(f"{name} could not be drawn ({type(e).__name__}: {e}).")
-            return False
-        written.append(name)
-        return True
+    rep.lines += [f"# loft_dist report — {run_dir.name}", "", *_data_summary(info, cfg), ""]
+    empty = _section_accuracy(rep)
+    worst = _section_per_class(rep)
+    _section_calibration(rep)
+    _section_ood(rep)
+    _section_pseudo_labels(rep)
+    rep.lines += ["", "## Quarantine", "",
+                  ("No undecodable images." if not quarantined else
+                   ", ".join(f"{split}: {n} images (list in quarantine/{split}.jsonl)"
+                             for split, n in quarantined.items()))]
+    if rep.notes:
+        rep.lines += ["", "## Notes", "", *(f"- {n}" for n in rep.notes)]
+    for stale in set(PLOTS) - set(rep.written):
+        (rep.out / stale).unlink(missing_ok=True)
 
-    lines = [f"# loft_dist report — {run_dir.name}", "", *(_data_summary(info, cfg)), "",
-             "Accuracy in % on the test split; groups by labeled count (many / medium / few) and by frequency "
-             "tertiles (head / mid / tail). Round 0 is zero-shot CLIP.", "",
-             "| round | model | acc | balanced | macro-F1 | many | medium | few | head | mid | tail | ECE | AUROC (MSP) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for m in rounds:
-        t, g, tt = m["test"], m["test"]["groups"], m["test"]["tertiles"]
-        auroc = m.get("ood_test", {}).get("auroc")
-        lines.append(f"| {m['round']} | {m['model']} | {_pct(t['accuracy'])} | {_pct(t['balanced_accuracy'])} | "
-                     f"{_pct(t['macro_f1'])} | " + " | ".join(_pct(g[k]['accuracy']) for k in GROUPS)
-                     + " | " + " | ".join(_pct(tt[k]['accuracy']) for k in TERTILES)
-                     + f" | {_pct(t['ece'])} | {_pct(auroc)} |")
-    empty = [k for k in GROUPS if final["test"]["groups"][k]["empty"]]
-    if empty:
-        lines += ["", "Empty groups: " + "; ".join(f"{k} ({rules[k]}) — no class has that many labels" if k != "few"
-                                                   else f"{k} ({rules[k]}) — every class has at least that many"
-                                                   for k in empty)
-                  + ". Shown as – in the tables and left out of the plots; the tertiles are never empty."]
-    if plot("accuracy_by_round.png", _accuracy_figure, out, rounds, rules):
-        lines += ["", "![Test accuracy by round, overall and by group](accuracy_by_round.png)", "",
-                  "*accuracy_by_round.png* — test accuracy (%) per round: overall, class-balanced, and by "
-                  "labeled-count group (left) or frequency tertile (right)."]
-
-    # --- per class, final round
-    lines += ["", f"## Per-class accuracy (round {final['round']})", ""]
-    if labeled is None:
-        lines.append("dataset.json of the run was not found, so classes cannot be ordered by labeled count; "
-                     "no per-class figure.")
-    else:
-        groups = _class_groups(final["test"], num_classes)
-        if plot("per_class_accuracy.png", plots.per_class_accuracy, out / "per_class_accuracy.png", names,
-                final["test"]["per_class_accuracy"], labeled, groups, final["round"]):
-            missing = sum(a is None for a in final["test"]["per_class_accuracy"])
-            lines += ["![Per-class test accuracy against labeled class frequency](per_class_accuracy.png)", "",
-                      "*per_class_accuracy.png* — bars: test accuracy (%) of each class, sorted by labeled count "
-                      "and coloured by group; line: labeled images per class."
-                      + (f" {missing} classes have no test images and no bar." if missing else "")]
-    conf = _confusion(run_dir, final, num_classes)
-    worst_summary = []
-    if conf is None:
-        lines += ["", f"No complete rounds/r{final['round']}/predictions/test table: no confusion summary."]
-    else:
-        lines += ["", f"### Worst classes (round {final['round']})", "",
-                  "| class | labeled | test images | accuracy | most often predicted as |", "|---|---|---|---|---|"]
-        for r in conf["rows"]:
-            where = ", ".join(f"{names[k['class']]} {100 * k['share']:.0f}%" for k in r["predicted_as"]) or "–"
-            lines.append(f"| {names[r['class']]} | {labeled[r['class']] if labeled else '–'} | {r['n']} | "
-                         f"{_pct(r['accuracy'])} | {where} |")
-            worst_summary.append({"class": r["class"], "name": names[r["class"]], "test_images": r["n"],
-                                  "accuracy": r["accuracy"],
-                                  "predicted_as": [{**k, "name": names[k["class"]]} for k in r["predicted_as"]]})
-        if plot("worst_classes_confusion.png", plots.confusion_worst, out / "worst_classes_confusion.png",
-                [names[r["class"]] for r in conf["rows"]], [names[k] for k in conf["columns"]] + ["other"],
-                conf["shares"], [r["accuracy"] for r in conf["rows"]], final["round"]):
-            lines += ["", "![Confusion summary of the worst classes](worst_classes_confusion.png)", "",
-                      "*worst_classes_confusion.png* — rows: the classes with the lowest test accuracy; columns: "
-                      f"their {CONFUSIONS_PER_CLASS} most frequent predictions and all others; cells: share (%) of "
-                      "the row's test images."]
-
-    # --- calibration
-    lines += ["", "## Calibration", ""]
-    diagrams = [{"title": f"Round {m['round']} — {m['model']}, ECE {_pct(m['test']['ece'])}%",
-                 "bins": m["test"]["reliability"]}
-                for m in ({rounds[0]["round"]: rounds[0], final["round"]: final}).values()
-                if m["test"].get("reliability")]
-    if not diagrams:
-        lines.append("No reliability data (the evaluation recorded no confidences).")
-    else:
-        if plot("reliability.png", plots.reliability, out / "reliability.png", diagrams):
-            lines += ["![Reliability diagram](reliability.png)", "",
-                      "*reliability.png* — top: accuracy of the test images in each confidence bin (blue) and the gap "
-                      "to the bin's mean confidence (hatched); the dashed diagonal is perfect calibration. "
-                      "Bottom: share (%) of test images per bin."]
-
-    # --- OOD
-    lines += ["", "## OOD detection", "",
-              "| round | OOD test AUROC | AUPR-in | AUPR-out | FPR@95 | pool AUROC (MSP) | pool AUROC (zero-shot MSP) |",
-              "|---|---|---|---|---|---|---|"]
-    for m in rounds:
-        o, po = m.get("ood_test") or {}, m.get("pool_ood") or {}
-        lines.append(f"| {m['round']} | {_pct(o.get('auroc'))} | {_pct(o.get('aupr_in'))} | {_pct(o.get('aupr_out'))} | "
-                     f"{_pct(o.get('fpr95'))} | {_pct((po.get('msp') or {}).get('auroc'))} | "
-                     f"{_pct((po.get('zs_msp') or {}).get('auroc'))} |")
-    lines += ["", "MSP = max softmax probability, higher = more in-distribution; – = no OOD images to compare with."]
-    panels, hist_round = _histogram_panels(run_dir, rounds, cfg)
-    if not panels:
-        lines += ["", "No complete pseudo-label table of the pool: no score histograms."]
-    else:
-        if plot("pool_score_histograms.png", plots.score_histograms, out / "pool_score_histograms.png", panels):
-            no_ood = all(p["groups"]["OOD images"].sum() == 0 for p in panels)
-            lines += ["", "![MSP and zero-shot MSP of ID vs OOD pool images](pool_score_histograms.png)", "",
-                      f"*pool_score_histograms.png* — pool images of round {hist_round}'s pseudo-label table, by ground "
-                      "truth: share (%) of each group per score bin; dashed lines are the decision thresholds."
-                      + (" This pool holds no OOD images, so only ID images are shown." if no_ood else "")]
-
-    # --- pseudo-labels
-    lines += ["", "## Pseudo-labels of the pool, per round", "",
-              "| round | hard | soft | rejected (MSP ≤ c_ood) | OOD (zero-shot filter) | coverage | precision | OOD admitted |",
-              "|---|---|---|---|---|---|---|---|"]
-    for m in rounds:
-        p = m.get("pseudo_labels")
-        if p:
-            c = p["counts"]
-            lines.append(f"| {m['round']} | {c['hard']} | {c['soft']} | {c['rejected']} | {c['ood']} | "
-                         f"{_pct(p.get('coverage'))} | {_pct(p.get('precision'))} | "
-                         f"{p.get('ood_admitted', '–')} / {p.get('ood_total', '–')} |")
-    lines += ["", "Coverage = accepted ID images / ID images in the pool; precision = right / accepted, an admitted OOD "
-              "image counting as wrong; – = nothing accepted."]
-    tertiles = {k: final["test"]["tertiles"][k]["classes"] for k in TERTILES}
-    series = _pseudo_label_series(rounds, tertiles)
-    if not series["rounds"]:
-        lines += ["", "The pool has no ground truth: pseudo-label precision and coverage cannot be measured."]
-    else:
-        if plot("pseudo_labels_by_round.png", plots.pseudo_labels_by_round, out / "pseudo_labels_by_round.png",
-                series["rounds"], series["overall"], series["precision"], series["recall"]):
-            lines += ["", "![Pseudo-label precision and coverage by round](pseudo_labels_by_round.png)", "",
-                      "*pseudo_labels_by_round.png* — left: precision and coverage (%) of the accepted pseudo-labels "
-                      "and the share of the pool's OOD images admitted; right: per-class precision and recall (accepted "
-                      "and right / ID images of the class), averaged within each frequency tertile (a tertile with "
-                      "no accepted image has no precision point)."]
-        last = _last_with(rounds, lambda m: "precision_per_class" in (m.get("pseudo_labels") or {}))
-        if labeled is not None and last is not None and plot(
-                "pseudo_labels_by_class.png", plots.pseudo_labels_by_class, out / "pseudo_labels_by_class.png", names,
-                last["pseudo_labels"]["precision_per_class"], last["pseudo_labels"]["recall_per_class"], labeled,
-                last["round"]):
-            lines += ["", "![Pseudo-label precision and recall by class frequency](pseudo_labels_by_class.png)", "",
-                      f"*pseudo_labels_by_class.png* — round {last['round']}: per-class precision (by pseudo-label) "
-                      "and recall (accepted and right, by true class), classes sorted by labeled count."]
-
-    lines += ["", "## Quarantine", "",
-              ("No undecodable images." if not quarantined else
-               ", ".join(f"{split}: {n} images (list in quarantine/{split}.jsonl)" for split, n in quarantined.items()))]
-    if notes:
-        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
-    for stale in set(PLOTS) - set(written):
-        (out / stale).unlink(missing_ok=True)
-
-    summary = {"run_dir": str(run_dir), "class_names": names, "rounds": rounds, "final": final,
-               "empty_groups": {k: rules[k] for k in empty}, "worst_classes": worst_summary,
-               "quarantined": quarantined, "plots": {name: PLOTS[name] for name in written}, "notes": notes}
-    write_json_atomic(out / "metrics.json", summary)
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    summary = {"run_dir": str(run_dir), "class_names": rep.names, "rounds": rounds, "final": rep.final,
+               "empty_groups": {k: rep.rules[k] for k in empty}, "worst_classes": worst, "quarantined": quarantined,
+               "plots": {name: PLOTS[name] for name in rep.written}, "notes": rep.notes}
+    write_json_atomic(rep.out / "metrics.json", summary)
+    (rep.out / "report.md").write_text("\n".join(rep.lines) + "\n")
     return summary
 
 

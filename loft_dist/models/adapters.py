@@ -12,7 +12,7 @@ hyperparameters). `none` writes no adapter directory.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -42,9 +42,8 @@ def apply_adapter(visual: nn.Module, peft_cfg, num_classes: Optional[int] = None
     `num_classes` is needed only by the automatic bottleneck (`peft.r: 0`, lora and adaptformer).
     Returns the tower to use (a PeftModel for lora, the same module otherwise); `adapter_spec` describes it.
     """
-    method = peft_cfg.method
-    if method not in METHODS:
-        raise ValueError(f"peft.method={method!r} is not supported; one of: {', '.join(METHODS)}")
+    if peft_cfg.method not in METHODS:
+        raise ValueError(f"peft.method={peft_cfg.method!r} is not supported; one of: {', '.join(METHODS)}")
     visual.requires_grad_(False)
     blocks = visual.transformer.resblocks
     layers = _resolve_layers(peft_cfg.layers, len(blocks))

@@ -131,7 +131,7 @@ def build_classifier(model_cfg, peft_cfg, class_names: list[str]) -> ClipClassif
     visual.proj = None  # the classifier reads ln_post(CLS), before CLIP's projection
     for p in visual.parameters():
         p.requires_grad_(False)
-    visual = apply_adapter(visual, peft_cfg)
+    visual = apply_adapter(visual, peft_cfg, num_classes=len(class_names))
     return ClipClassifier(visual, head, proj, text, logit_scale)
 
 

@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from loft_dist.algorithms import inference_logits, load_model
 from loft_dist.algorithms.loft import DECISIONS, REJECTED, pseudo_label_decision, zero_shot_keep
 from loft_dist.config import from_dict
-from loft_dist.models.checkpoint import load_classifier
 
 MODES = ("zero_shot", "teacher", "eval")
+PURPOSE = {"zero_shot": "zero_shot", "teacher": "pseudo_label", "eval": "test"}  # which logits a mode scores with
 
 
 class ZeroShotLookup:
@@ -54,7 +55,8 @@ class Scorer:
         self.cfg = from_dict(cfg)
         torch.set_num_threads(self.cfg.scoring.torch_threads)  # Ray sets OMP_NUM_THREADS from num_cpus
         self.device = "cuda" if self.cfg.scoring.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.model = load_classifier(self.cfg.model, self.cfg.peft, class_names, checkpoint).to(self.device)
+        # The method's model: ULFine adds a linear head and fuses its logits (algorithm.dlf.use_for).
+        self.model = load_model(self.cfg, class_names, checkpoint).to(self.device)
         self.mode = mode
         self.zs = ZeroShotLookup(zs_table) if zs_table else None
         self.topk = self.cfg.scoring.probs_topk
@@ -63,7 +65,7 @@ class Scorer:
         a = self.cfg.algorithm
         x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
         with torch.inference_mode():
-            logits = self.model.zero_shot_logits(x) if self.mode == "zero_shot" else self.model(x)
+            logits = inference_logits(a, self.model, x, PURPOSE[self.mode])
             probs = torch.softmax(logits.float() / a.temperature, dim=-1).cpu()
         ids = np.asarray(batch["id"])
         zs_msp = probs.max(-1).values.numpy() if self.mode == "zero_shot" else \

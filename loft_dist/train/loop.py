@@ -1,5 +1,13 @@
-"""The recipe of one Ray Train worker: build the model, wrap it in a DeepSpeed engine, stream its data shard,
-train with the LoFT losses, and report metrics + a checkpoint every epoch (every rank, same cadence)."""
+"""The recipe of one Ray Train worker: build the method's model, wrap it in a DeepSpeed engine, stream its data
+shards, train with the method's loss, and report metrics + a checkpoint every epoch (every rank, same cadence).
+
+Offline mode streams one dataset, "train": labeled rows ∪ the pool rows the round's table accepted, each with its
+pseudo-label columns. Online mode (FixMatch-style, SPEC A.0.2) streams two: "train" (labeled rows) and "pool"
+(unlabeled rows with a weak and a strong view); each step takes B labeled rows and mu * B pool rows, runs one
+forward over [labeled, weak, strong], pseudo-labels the weak view with the shared decision rule (teacher
+detached) and applies the same loss to the strong view. An epoch is one pass over the labeled shard in both
+modes; the pool stream cycles across epochs.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,16 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from loft_dist.algorithms.loft import loft_loss
+from loft_dist.algorithms import after_step, load_model, logits_for, save_model, training_loss
+from loft_dist.algorithms.loft import HARD, LABELED, SOFT, pseudo_label_decision
 from loft_dist.config import from_dict
-from loft_dist.models.checkpoint import STATE_FILE, load_classifier, save_weights
+from loft_dist.data.pseudo_labels import IGNORED
+from loft_dist.models.checkpoint import STATE_FILE
 from loft_dist.train.deepspeed_config import deepspeed_config
 
 DS_DIR = "deepspeed"
@@ -24,8 +35,52 @@ def cosine_lr(base_lr: float, epoch: int, total_epochs: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / max(total_epochs, 1)))
 
 
+def _float(out):
+    return {k: v.float() for k, v in out.items()} if isinstance(out, dict) else out.float()
+
+
+def _rows(out, idx):
+    """Rows idx of the model's outputs: a logits tensor, or a dict of per-row tensors and per-batch scalars."""
+    if isinstance(out, dict):
+        return {k: v[idx] if v.dim() > 0 else v for k, v in out.items()}
+    return out[idx]
+
+
+def _cycle(shard, batch_size: int, shuffle: int):
+    """Pool batches forever: a new pass (fresh random views) each time the shard is exhausted.
+
+    Ray Train splits with equal=True, so every rank's pass has the same batches and ranks start passes together.
+    """
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False,
+                                              local_shuffle_buffer_size=shuffle or None):
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the unlabeled pool shard of this worker is empty; online mode needs pool rows")
+
+
+def online_batch(engine, acfg, labeled: dict, pool: dict, device, in_dtype):
+    """One online step's outputs and targets: teacher on the weak view, student rows = labeled + strong view."""
+    b, n = len(labeled["image"]), len(pool["image"])
+    images = torch.cat([labeled["image"], pool["image_weak"], pool["image"]]).to(device, dtype=in_dtype)
+    out = _float(engine(images))
+    teacher = logits_for(acfg, _rows(out, slice(b, b + n)), "pseudo_label").detach()
+    probs = torch.softmax(teacher / acfg.temperature, dim=-1)
+    d = pseudo_label_decision(probs, acfg.c_hard, acfg.c_ood, acfg.soft_weight)
+    ok = pool["ok"].to(device).bool()
+    student = torch.cat([torch.arange(b, device=device), torch.arange(b + n, b + 2 * n, device=device)])
+    code = torch.cat([labeled["code"].to(device), torch.where(ok, d["code"], torch.full_like(d["code"], IGNORED))])
+    target = torch.cat([labeled["target"].to(device), d["pred"]])
+    weight = torch.cat([labeled["weight"].to(device), d["weight"]])
+    soft = torch.cat([labeled["soft"].to(device), probs])
+    return _rows(out, student), code, target, weight, soft
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
+    a = cfg.algorithm
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -37,9 +92,12 @@ def train_loop_per_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     torch.manual_seed(cfg.run.seed * 1000 + rank)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    # The Ray node of every rank, kept in the metrics and train_state.json: where training ran is checkable.
+    worker_nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
 
     # --- model, optimizer, engine
-    model = load_classifier(cfg.model, cfg.peft, config["class_names"], config["init_checkpoint"]).train()
+    model = load_model(cfg, config["class_names"], config["init_checkpoint"]).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
@@ -58,34 +116,58 @@ def train_loop_per_worker(config: dict) -> None:
             engine.load_checkpoint(str(Path(d) / DS_DIR), load_module_strict=False)
             start_epoch = json.loads((Path(d) / STATE_FILE).read_text())["epoch"] + 1
 
+    online = a.mode == "online"
     shard = ray.train.get_dataset_shard("train")
+    pool = _cycle(ray.train.get_dataset_shard("pool"), a.mu * cfg.train.micro_batch_size,
+                  cfg.train.shuffle_buffer) if online else None
     epochs, offset, total = cfg.train.epochs_per_round, config["epoch_offset"], config["total_epochs"]
     for epoch in range(start_epoch, epochs):
         lr = cosine_lr(cfg.train.lr, offset + epoch, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, loss_s, loss_hard, loss_soft, steps, ignored rows
+        sums: dict[str, float] = {}
+        t_ready = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=False,
                                               local_shuffle_buffer_size=cfg.train.shuffle_buffer or None):
-            code = batch["code"].to(device)
-            logits = engine(batch["image"].to(device, dtype=in_dtype)).float()
-            loss, parts = loft_loss(logits, code, batch["target"].to(device), batch["weight"].to(device),
-                                    batch["soft"].to(device), prior, cfg.algorithm)
+            t_start = time.perf_counter()
+            if online:
+                out, code, target, weight, soft = online_batch(engine, a, batch, next(pool), device, in_dtype)
+            else:
+                out = _float(engine(batch["image"].to(device, dtype=in_dtype)))
+                code, target = batch["code"].to(device), batch["target"].to(device)
+                weight, soft = batch["weight"].to(device), batch["soft"].to(device)
+            loss, parts = training_loss(a, out, code, target, weight, soft, prior)
             engine.backward(loss)
             engine.step()
-            sums += torch.tensor([parts["loss"], parts["loss_s"], parts["loss_hard"], parts["loss_soft"], 1.0,
-                                  float((code == -2).sum())], dtype=torch.float64)
-        dist.all_reduce(sums)  # metrics of the whole group, not of rank 0 alone
-        steps = max(sums[4].item(), 1.0)
-        metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr, "loss": sums[0].item() / steps,
-                   "loss_s": sums[1].item() / steps, "loss_hard": sums[2].item() / steps,
-                   "loss_soft": sums[3].item() / steps, "steps_all_ranks": int(sums[4].item()),
-                   "ignored_rows": int(sums[5].item())}
+            after_step(a, engine.module, out, code, target, soft)
+            pool_rows = code != LABELED
+            t_done = time.perf_counter()  # step time vs data wait: what the benchmarks compare with a plain loop
+            counts = {"steps": 1.0, "compute_s": t_done - t_start, "data_wait_s": t_start - t_ready,
+                      "ignored_rows": float((code == IGNORED).sum()),
+                      "pool_rows": float(pool_rows.sum()), "hard_rows": float((code == HARD).sum()),
+                      "soft_rows": float((code == SOFT).sum())}
+            for k, v in {**parts, **counts}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            t_ready = time.perf_counter()
+        # Metrics of the whole group, not of rank 0 alone (every rank has the same keys: same method, same loop).
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(totals)
+        t = dict(zip(keys, totals.tolist()))
+        steps = max(t.get("steps", 0.0), 1.0)
+        metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
+                   **{k: v / steps for k, v in t.items() if k.startswith("loss")},
+                   "steps_all_ranks": int(t.get("steps", 0)), "ignored_rows": int(t.get("ignored_rows", 0)),
+                   "step_time_s": t.get("compute_s", 0.0) / steps, "data_wait_s": t.get("data_wait_s", 0.0) / steps,
+                   "worker_nodes": worker_nodes}
+        if online:  # what the per-step decisions admitted, over every pool row the student saw this epoch
+            metrics.update({"pool_rows_seen": int(t["pool_rows"]), "hard_share": t["hard_rows"] / max(t["pool_rows"], 1),
+                            "soft_share": t["soft_rows"] / max(t["pool_rows"], 1)})
 
         with tempfile.TemporaryDirectory() as tmp:
             # Every rank writes its DeepSpeed shard (optimizer state for exact resume); rank 0 the plain weights.
             engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state", exclude_frozen_parameters=True)
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if rank == 0:
-                    save_weights(model, tmp, {"epoch": epoch, "class_names": config["class_names"], **metrics})
+                    save_model(model, tmp, {"epoch": epoch, "class_names": config["class_names"], **metrics})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

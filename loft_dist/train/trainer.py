@@ -37,7 +37,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
         ),
-        datasets={"train": train_ds},
+        datasets=train_ds if isinstance(train_ds, dict) else {"train": train_ds},  # online: {"train", "pool"}
     )
     log.info("round %d train: %d Ray Train workers x %s, DeepSpeed ZeRO stage %d, %s, micro batch %d x accum %d "
              "→ global batch %d", round_idx, t.num_workers, resources, t.zero_stage, t.precision,

@@ -95,6 +95,19 @@ def test_percent_protocol_on_an_image_folder_with_its_own_test_set(image_tree, m
                                        labeled_in_unlabeled="true", ood_ratio=0, ood_test=0))
     assert info["counts"]["unlabeled"] == [40, 25, 10, 3, 1]
 
+    save_png(image_tree["test"] / "fox" / "f.png", np.random.default_rng(0))
+    with pytest.raises(SourceError, match=r"data.test_path=.*class 'fox' is not a class of the training set"):
+        prepare_dataset(make_config("fox", source="imagefolder", source_path=image_tree["train"],
+                                    test_path=image_tree["test"], protocol="percent"))
+    for f in (image_tree["test"] / "dog").iterdir():
+        f.unlink()
+    (image_tree["test"] / "fox" / "f.png").unlink()
+    (image_tree["test"] / "fox").rmdir()
+    (image_tree["test"] / "dog").rmdir()
+    with pytest.raises(SourceError, match=r"data.test_path=.*class 3 \('dog'\) has no test images"):
+        prepare_dataset(make_config("dog", source="imagefolder", source_path=image_tree["train"],
+                                    test_path=image_tree["test"], protocol="percent"))
+
 
 def test_carved_test_split_comes_from_the_training_source(small_cifar100, make_config):
     cfg = make_config(**lt(source_path=small_cifar100, n1=8, test_source="carve", test_per_class=5,

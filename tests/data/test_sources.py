@@ -19,6 +19,7 @@ from loft_dist.data.sources import (
     Source,
     SourceError,
     read_cifar,
+    read_image_files,
     read_image_folder,
     read_manifest,
 )
@@ -371,3 +372,36 @@ def test_manifest_other_errors(image_files):
     src = read_manifest(root / "n.parquet")
     with pytest.raises(SourceError, match=r"n\.parquet: record 1 has an empty 'image'"):
         src.encoded(1)
+
+
+# ---------------------------------------------------------------------------------------
+# Unlabeled (out-of-distribution) sources
+
+
+def test_image_files_and_unlabeled_manifests(image_files):
+    root, files = image_files
+    (root / "imgs" / "deeper").mkdir()
+    (root / "imgs" / "deeper" / "d.png").write_bytes(files["a.png"])
+    src = read_image_files(root / "imgs")
+    assert src.class_names == [] and src.labels.tolist() == [-1] * 4
+    assert [Path(src.origin(i)).name for i in range(4)] == ["a.png", "b.jpg", "c.png", "d.png"]
+    assert src.encoded(1) == files["b.jpg"]
+    with pytest.raises(SourceError, match="holds no images"):
+        read_image_files(_empty(root))
+
+    manifest = root / "ood.csv"
+    pd.DataFrame({"path": ["imgs/a.png", "imgs/c.png"]}).to_csv(manifest, index=False)
+    src = read_manifest(manifest, labeled=False)
+    assert src.labels.tolist() == [-1, -1] and src.encoded(1) == files["c.png"]
+    with pytest.raises(SourceError, match="needs columns 'path,label' or 'image,label'"):
+        read_manifest(manifest)
+    blobs = pa.array([files["a.png"], files["b.jpg"]], pa.binary())
+    pq.write_table(pa.table({"image": blobs}), root / "ood.parquet")
+    src = read_manifest(root / "ood.parquet", labeled=False)
+    assert len(src) == 2 and src.encoded(1) == files["b.jpg"]
+
+
+def _empty(root: Path) -> Path:
+    (root / "empty" / "sub").mkdir(parents=True)
+    (root / "empty" / "sub" / "notes.txt").write_text("x")
+    return root / "empty"

@@ -133,7 +133,7 @@ def test_full_report_writes_every_figure(tmp_path):
     # the empty "many" group: "–" in the table and a note, never NaN
     rows = [line for line in md.splitlines() if line.startswith("| 2 | checkpoint of round 2")]
     assert rows and rows[0].split(" | ")[5] == "–"
-    assert "Empty groups: many (> 100 labels)" in md
+    assert "Empty groups: many — no class has > 100 labels" in md
     assert saved["empty_groups"] == {"many": "> 100 labels"}
     # the worst classes come from predictions/test and name real classes
     assert saved["worst_classes"] and all(w["name"] in NAMES for w in saved["worst_classes"])
@@ -200,3 +200,17 @@ def test_compare_two_runs(tmp_path, capsys):
 def test_compare_rejects_a_dir_without_rounds(tmp_path):
     with pytest.raises(FileNotFoundError, match="no rounds"):
         compare_runs([tmp_path], tmp_path / "cmp")
+
+
+def test_a_failing_figure_is_a_note_not_a_crash(tmp_path, monkeypatch):
+    from loft_dist.eval import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts on this node")
+
+    monkeypatch.setattr(plots, "reliability", broken)
+    run = make_run(tmp_path / "exp", rounds=2)
+    write_report(run)
+    md, summary, pngs = check_report(run)
+    assert "reliability.png" not in pngs and "reliability.png could not be drawn" in md
+    assert "## Calibration" in md and len(pngs) == len(PLOTS) - 1

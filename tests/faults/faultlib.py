@@ -1,0 +1,92 @@
+"""Helpers of the fault tests: configs on the shared prepared data, table ids, this session's Ray actors, and a
+watcher thread that kills a process at the right moment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+
+from loft_dist.config import load_config
+
+# The prepared dataset is shared by every fault test, so each data.* key here is part of every test's config.
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny.yaml")
+DATA_OVERRIDES = ["data.rows_per_shard=64"]  # several shards per split: several blocks, several scoring chunks
+
+
+def fault_config(tmp_path: Path, prepared_root: str, name: str, *overrides: str):
+    return load_config(TINY, [f"run.storage_path={tmp_path}", f"run.name={name}",
+                                             f"data.root={prepared_root}", *DATA_OVERRIDES, *overrides])
+
+
+def ids_of(paths) -> list[int]:
+    paths = sorted(str(p) for p in paths)
+    return pq.read_table(paths, columns=["id"]).column("id").to_pylist() if paths else []
+
+
+def split_ids(root: str, split: str) -> list[int]:
+    return sorted(ids_of(Path(root, split).glob("*.parquet")))
+
+
+def table_ids(table: Path) -> list[int]:
+    """Ids of a committed table, in file order (duplicates kept, so a test can see them)."""
+    assert (table / "_SUCCESS").is_file(), f"{table} is not committed"
+    return ids_of(table.glob("*.parquet"))
+
+
+def completed(run_dir: Path) -> list[str]:
+    try:
+        return json.loads((run_dir / "state.json").read_text())["completed"]
+    except (FileNotFoundError, ValueError):  # not written yet, or caught between write and rename
+        return []
+
+
+def session_actors(class_part: str, state: str | None = "ALIVE") -> list[dict]:
+    """Actors of this session's Ray whose class name contains `class_part` (GCS actor table: id, pid, state)."""
+    import ray
+
+    return [a for a in ray._private.state.actors().values()
+            if class_part in a["ActorClassName"] and (state is None or a["State"] == state)]
+
+
+def sigkill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+class Watcher(threading.Thread):
+    """Calls `step()` every `interval` s until it returns True (its work done) or `stop()`; errors are re-raised
+    by `result()`, so a broken watcher fails the test instead of silently killing nothing."""
+
+    def __init__(self, step: Callable[[], bool], interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.step, self.interval = step, interval
+        self._stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.done = False
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                if self.step():
+                    self.done = True
+                    return
+                time.sleep(self.interval)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            self.error = e
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=30)
+
+    def result(self) -> bool:
+        self.stop()
+        if self.error is not None:
+            raise self.error
+        return self.done
