@@ -165,6 +165,8 @@ class TrainConfig:
     use_gpu: bool = False
     micro_batch_size: int = 8  # x 2 workers = global batch 16 (SPEC B = 16)
     grad_accum: int = 1
+    # 0: global batch = workers x micro x accum (scales with workers); > 0: kept fixed, grad_accum is derived.
+    global_batch_size: int = 0
     epochs_per_round: int = 20
     lr: float = 0.02  # the tiny random-init model; the paper configs use SPEC's 0.01
     momentum: float = 0.9
@@ -262,6 +264,9 @@ def _check_values(cfg: Config) -> None:
     need(t.num_workers >= 1, "train.num_workers", t.num_workers, "an integer >= 1")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "an integer >= 1")
     need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
+    need(t.global_batch_size == 0 or t.global_batch_size % (t.num_workers * t.micro_batch_size) == 0,
+         "train.global_batch_size", t.global_batch_size,
+         f"0 or a multiple of train.num_workers x train.micro_batch_size ({t.num_workers} x {t.micro_batch_size})")
     need(t.cpus_per_worker > 0, "train.cpus_per_worker", t.cpus_per_worker, "> 0")
     need(t.lr > 0, "train.lr", t.lr, "> 0")
     need(t.precision == "fp32" or t.use_gpu, "train.precision", t.precision,

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from loft_dist.config import to_dict
+from loft_dist.train.deepspeed_config import grad_accum_steps
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
     )
     log.info("round %d train: %d Ray Train workers x %s, DeepSpeed ZeRO stage %d, %s, micro batch %d x accum %d "
              "→ global batch %d", round_idx, t.num_workers, resources, t.zero_stage, t.precision,
-             t.micro_batch_size, t.grad_accum, t.num_workers * t.micro_batch_size * t.grad_accum)
+             t.micro_batch_size, grad_accum_steps(t), t.num_workers * t.micro_batch_size * grad_accum_steps(t))
     result = trainer.fit()
     if result.error:
         raise result.error

@@ -32,7 +32,8 @@ def _fit(root, workers: int, zero: int, micro: int) -> float:
     ds, _ = training_dataset(cfg.data_root, cfg, len(counts), None)
     out = root / f"ckpt-w{workers}z{zero}"
     metrics = fit_round(cfg, ds, class_names=info["class_names"], prior=[c / sum(counts) for c in counts],
-                        init_checkpoint=None, round_idx=1, storage_path=str(root / "ray_train"), out_dir=str(out))
+                        init_checkpoint=None, round_idx=1, out_dir=str(out),
+                        storage_path=str(root / f"ray_train-w{workers}z{zero}"))  # a fresh Ray Train run each
     assert (out / "head.safetensors").is_file()
     return metrics["loss"]
 
