@@ -60,6 +60,7 @@ def run(cfg: Config) -> dict:
     from loft_dist.data.prepare import prepare_dataset
     from loft_dist.eval.evaluate import evaluate_round
     from loft_dist.eval.report import write_report
+    from loft_dist.eval.tracking import Tracker
     from loft_dist.runtime import init_ray, preflight
 
     preflight(cfg)  # an unwritable run.storage_path or a missing weights file fails here, before Ray starts
@@ -124,23 +125,29 @@ def run(cfg: Config) -> dict:
         log.info("round %d train set (%s): %d %s", r, cfg.algorithm.name, info["rows"]["labeled"], what)
         metrics = fit_round(cfg, ds, class_names=classes, prior=prior,
                             init_checkpoint=str(rdir(r - 1) / "checkpoint") if r >= 2 else None, round_idx=r,
-                            storage_path=str(run_dir / "ray_train"), out_dir=str(rdir(r) / "checkpoint"))
+                            storage_path=str(run_dir / "ray_train"), out_dir=str(rdir(r) / "checkpoint"),
+                            tracking_dir=str(run_dir))
         write_json_atomic(rdir(r) / "train_metrics.json", metrics)
 
     def evaluate(r: int) -> None:
         ckpt = str(rdir(r) / "checkpoint") if r >= 1 else None
         m = evaluate_round(cfg, root, rdir(r), classes=classes, labeled_counts=labeled_counts, round_idx=r,
                            checkpoint=ckpt, mode="zero_shot" if r == 0 else "eval")
+        tracker.log_round(r, m)
         g = m["test"]["groups"]
         log.info("round %d eval: accuracy %.4f (many %s, medium %s, few %s), balanced %.4f", r, m["test"]["accuracy"],
                  *(_fmt(g[k]["accuracy"]) for k in ("many", "medium", "few")), m["test"]["balanced_accuracy"])
 
-    phase("r0.score", lambda: score_pool(0))
-    phase("r0.eval", lambda: evaluate(0))
-    for r in range(1, R + 1):
-        phase(f"r{r}.score", lambda r=r: score_pool(r))
-        phase(f"r{r}.train", lambda r=r: train(r))
-        phase(f"r{r}.eval", lambda r=r: evaluate(r))
+    tracker = Tracker(run_dir)  # TensorBoard (and MLflow when configured) beside the run's files
+    try:
+        phase("r0.score", lambda: score_pool(0))
+        phase("r0.eval", lambda: evaluate(0))
+        for r in range(1, R + 1):
+            phase(f"r{r}.score", lambda r=r: score_pool(r))
+            phase(f"r{r}.train", lambda r=r: train(r))
+            phase(f"r{r}.eval", lambda r=r: evaluate(r))
+    finally:
+        tracker.close(finished=len(state.done) == len(phases))
     summary = write_report(run_dir)
     log.info("report: %s", run_dir / "report" / "report.md")
     return summary

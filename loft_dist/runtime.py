@@ -42,7 +42,8 @@ def init_ray(run_cfg, use_gpu: bool = False) -> None:
     """Join the cluster named by run.ray_address / RAY_ADDRESS, or start a local Ray sized for this machine."""
     import ray
 
-    env = {}
+    # Tracking settings reach the train workers too (rank 0 logs epoch curves), also on a remote cluster.
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if k in os.environ}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its CPU accelerator and gloo inside train workers
     if not ray.is_initialized():

@@ -242,20 +242,28 @@ def test_missing_weights_file_names_the_path():
         preflight(cfg)
 
 
-@pytest.mark.parametrize("case", ["storage below a file", "storage in /proc", "missing weights"])
+def test_unusable_storage_path_is_a_config_error(tmp_path):
+    from loft_dist.runtime import preflight
+
+    (tmp_path / "a_file").write_text("")
+    for path, reason in ((tmp_path / "a_file" / "runs", "Not a directory"),
+                         ("/proc/loft-dist-test/runs", "No such file or directory")):
+        with pytest.raises(ConfigError) as e:
+            preflight(load_config(TINY, [f"run.storage_path={path}"]))
+        assert str(e.value) == (f"run.storage_path={path}: cannot create or write a directory there ({reason}); set "
+                                f"run.storage_path to a writable directory (on a cluster: the shared volume every "
+                                f"node mounts)")
+
+
+@pytest.mark.parametrize("case", ["storage path", "weights file"])
 def test_cli_fails_before_ray_starts(case, tmp_path):
     """`loft-dist run` with an unusable run.storage_path or weights file: one line naming key and value, exit 2,
     no Ray started, nothing prepared."""
-    (tmp_path / "a_file").write_text("")
     overrides, message = {
-        "storage below a file": ([f"run.storage_path={tmp_path / 'a_file' / 'runs'}"],
-                                 f"run.storage_path={tmp_path / 'a_file' / 'runs'}: cannot create or write a directory "
-                                 f"there (Not a directory)"),
-        "storage in /proc": (["run.storage_path=/proc/loft-dist-test/runs"],
-                             "run.storage_path=/proc/loft-dist-test/runs: cannot create or write a directory there "
-                             "(No such file or directory)"),
-        "missing weights": ([f"run.storage_path={tmp_path / 'runs'}", "model.pretrained=/nonexistent.pt"],
-                            "model.pretrained='/nonexistent.pt': no such file."),
+        "storage path": (["run.storage_path=/proc/loft-dist-test/runs"],
+                         "run.storage_path=/proc/loft-dist-test/runs: cannot create or write a directory there"),
+        "weights file": ([f"run.storage_path={tmp_path / 'runs'}", "model.pretrained=/nonexistent.pt"],
+                         "model.pretrained='/nonexistent.pt': no such file."),
     }[case]
     env = {**os.environ, "RAY_ADDRESS": ""}
     done = subprocess.run([LOFT_DIST, "run", TINY, *overrides], capture_output=True, text=True, env=env, timeout=600)

@@ -121,6 +121,11 @@ def train_loop_per_worker(config: dict) -> None:
     pool = _cycle(ray.train.get_dataset_shard("pool"), a.mu * cfg.train.micro_batch_size,
                   cfg.train.shuffle_buffer) if online else None
     epochs, offset, total = cfg.train.epochs_per_round, config["epoch_offset"], config["total_epochs"]
+    tracker = None
+    if rank == 0 and config.get("tracking_dir"):
+        from loft_dist.eval.tracking import Tracker
+
+        tracker = Tracker(config["tracking_dir"])
     for epoch in range(start_epoch, epochs):
         lr = cosine_lr(cfg.train.lr, offset + epoch, total)
         for group in optimizer.param_groups:
@@ -171,3 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     save_model(model, tmp, {"epoch": epoch, "class_names": config["class_names"], **metrics})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if tracker is not None:
+            tracker.log_epoch(config["round_idx"], offset + epoch, metrics)
+    if tracker is not None:
+        tracker.close()

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init_checkpoint: str | None,
-              round_idx: int, storage_path: str, out_dir: str) -> dict:
+              round_idx: int, storage_path: str, out_dir: str, tracking_dir: str | None = None) -> dict:
     """Train one round on `train_ds` with Ray Train workers running DeepSpeed; copy the last checkpoint to out_dir."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -30,6 +30,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
             "cfg": to_dict(cfg), "class_names": class_names, "prior": prior, "init_checkpoint": init_checkpoint,
             "epoch_offset": (round_idx - 1) * t.epochs_per_round,
             "total_epochs": cfg.rounds.num_rounds * t.epochs_per_round,
+            "round_idx": round_idx, "tracking_dir": tracking_dir,  # rank 0 logs epoch curves to the run's tracker
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from faultlib import DATA_OVERRIDES, TINY, completed, split_ids, table_ids
+from faultlib import DATA_OVERRIDES, TINY, completed, registered_epochs, split_ids, table_ids
 from local_ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
@@ -57,14 +57,6 @@ def _drive(cmd: list[str], env: dict, log: Path, kill_when: Callable[[], bool] |
             proc.wait()
 
 
-def _registered_epochs(trial: Path) -> list[int]:
-    try:
-        snapshot = json.loads((trial / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return []
-    return [r["metrics"]["epoch"] for r in snapshot["checkpoint_results"]]
-
-
 def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, cluster):
     name = "kill_driver"
     run_dir = tmp_path / name
@@ -88,13 +80,13 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
     assert chunk0_files
 
     def training_checkpointed() -> bool:
-        return len(_registered_epochs(trial)) >= 1 and "r1.train" not in completed(run_dir)
+        return len(registered_epochs(trial)) >= 1 and "r1.train" not in completed(run_dir)
 
     outcome = _drive(cmd, env, logs[1], kill_when=training_checkpointed)
     assert outcome == "killed", f"{outcome} before round 1 reported a checkpoint:\n{logs[1].read_text()[-3000:]}"
     assert "resuming after r0.eval" in logs[1].read_text()
     assert completed(run_dir) == PHASES[:4]
-    epochs_before = _registered_epochs(trial)
+    epochs_before = registered_epochs(trial)
     assert max(epochs_before) < EPOCHS - 1, f"killed after the last epoch ({epochs_before}): nothing was tested"
 
     outcome = _drive(cmd, env, logs[2])
@@ -111,7 +103,7 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
     assert kept == chunk0_files, "round 1's committed scoring chunk was rewritten after the driver was killed"
 
     # Training: continued from the last checkpoint the killed driver's run reported, each epoch once.
-    assert _registered_epochs(trial) == list(range(EPOCHS)), (epochs_before, _registered_epochs(trial))
+    assert registered_epochs(trial) == list(range(EPOCHS)), (epochs_before, registered_epochs(trial))
     assert json.loads((r1 / "checkpoint" / "train_state.json").read_text())["epoch"] == EPOCHS - 1
 
     # Evaluation: one prediction per test image; metrics and report written.

@@ -12,23 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from faultlib import Watcher, fault_config, session_actors, sigkill
+from faultlib import Watcher, fault_config, registered_epochs, session_actors, sigkill
 from loft_dist.data.pseudo_labels import training_dataset
 from loft_dist.data.store import read_dataset_info
 from loft_dist.train.trainer import fit_round
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
-
-
-def _reported_epochs(trial: Path) -> list[int]:
-    """Epochs of the checkpoints Ray Train registered, in report order (from its checkpoint manager snapshot)."""
-    snapshot = json.loads((trial / "checkpoint_manager_snapshot.json").read_text())
-    return [r["metrics"]["epoch"] for r in snapshot["checkpoint_results"]]
-
-
-def _persisted_epochs(trial: Path) -> list[int]:
-    return sorted(json.loads(p.read_text())["epoch"] for p in trial.glob("checkpoint_*/train_state.json"))
 
 
 def test_kill_one_train_worker_mid_round(tmp_path, prepared_root, ray_session):
@@ -44,7 +34,7 @@ def test_kill_one_train_worker_mid_round(tmp_path, prepared_root, ray_session):
     killed: dict = {}
 
     def kill_a_worker_after_the_first_checkpoint() -> bool:
-        epochs = _persisted_epochs(trial) if trial.is_dir() else []
+        epochs = registered_epochs(trial)
         if not epochs:
             return False
         workers = [a for a in session_actors("RayTrainWorker") if a["ActorID"] not in earlier]
@@ -64,16 +54,15 @@ def test_kill_one_train_worker_mid_round(tmp_path, prepared_root, ray_session):
     finally:
         watcher.result()
 
-    assert killed, "no training worker was seen after the first checkpoint"
+    assert killed, "no training worker was seen after the first registered checkpoint"
     assert max(killed["epochs_before"]) < EPOCHS - 1, f"killed after the last epoch ({killed}): nothing was tested"
     workers = [a for a in session_actors("RayTrainWorker", state=None) if a["ActorID"] not in earlier]
     assert len(workers) > cfg.train.num_workers, "the worker group was not restarted after the kill"
 
     # Restored, not restarted from scratch: every epoch reported once, in order; the epochs reported after the
     # kill continue from the last checkpoint reported before it.
-    reported = _reported_epochs(trial)
+    reported = registered_epochs(trial)
     assert reported == list(range(EPOCHS)), f"epochs reported (in order): {reported}; killed after {killed}"
-    assert _persisted_epochs(trial) == list(range(EPOCHS))
 
     assert metrics["epoch"] == EPOCHS - 1
     final = run_dir / "rounds" / "r1" / "checkpoint"
