@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded tiny run (offline, minutes on 2 CPU cores)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds.num_rounds=1")
     for name, help_ in (("prepare", "build the sharded Parquet dataset of a config"),
-                        ("run", "run or resume all rounds of a config")):
+                        ("run", "run or resume all rounds of a config"),
+                        ("score", "pseudo-label a pool (scoring.input → scoring.output) with scoring.checkpoint; "
+                                  "resumable")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
         c.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -88,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             from loft_dist.data.prepare import prepare_dataset
 
             prepare_dataset(cfg, force=True)
+            return 0
+        if args.command == "score":
+            from loft_dist.scoring.job import run_score_job
+
+            rows = run_score_job(cfg)
+            print(f"done: {rows} rows in {cfg.scoring.output}")
             return 0
         from loft_dist.rounds import run
 

@@ -262,4 +262,8 @@ def pseudo_label_metrics(decision, pred, true_label, num_classes) -> dict:
             _ratio((accepted & (pred == c) & (true_label == c)).sum(), (true_label == c).sum())
             for c in range(num_classes)
         ],
+        # accepted (right or wrong) by TRUE class: how much of each class the round used at all
+        "coverage_per_class": [_ratio((accepted & (true_label == c)).sum(), (true_label == c).sum())
+                               for c in range(num_classes)],
+        "accepted_per_class": [int((accepted & (pred == c)).sum()) for c in range(num_classes)],
     }

@@ -238,3 +238,16 @@ def test_pseudo_label_metrics_without_truth_and_bad_decision():
     assert_json_clean(m)
     with pytest.raises(ValueError):
         pseudo_label_metrics(["hard", "maybe"], [0, 0], None, 1)
+
+
+def test_pseudo_label_coverage_and_accepted_per_class_by_hand():
+    from loft_dist.eval.metrics import pseudo_label_metrics
+
+    # class 0: 3 ID images, 2 accepted (one predicted 1) → coverage 2/3; class 1: 1 image, accepted → 1/1
+    # accepted predictions: pred 0 twice (rows 0 and the OOD row 4), pred 1 twice (rows 1, 3) → [2, 2]
+    decision = ["hard", "soft", "rejected", "hard", "soft"]
+    pred = [0, 1, 0, 1, 0]
+    true = [0, 0, 0, 1, -1]
+    m = pseudo_label_metrics(decision, pred, true, 2)
+    assert m["coverage_per_class"] == [2 / 3, 1.0]
+    assert m["accepted_per_class"] == [2, 2]
