@@ -29,6 +29,11 @@ if [[ "$CONFIG" == *.yaml || "$CONFIG" == *.yml ]] && [[ ! -f "$CONFIG" ]]; then
   exit 2
 fi
 
+if ! command -v ray > /dev/null; then
+  echo 'error: the ray CLI is not on PATH; pip install "ray[default]==2.60.0" (the version of the cluster)' >&2
+  exit 2
+fi
+
 DEFAULT_RUNTIME_ENV='{"env_vars": {"PYTHONUNBUFFERED": "1"}}'
 exec ray job submit \
   --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \

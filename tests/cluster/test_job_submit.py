@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -34,7 +35,9 @@ def _ids(directory: Path) -> list[int]:
 def test_ray_job_submit_runs_the_tiny_config_to_a_report(tmp_path):
     if importlib.util.find_spec("aiohttp") is None:
         pytest.skip('the Ray job API needs the dashboard: pip install "ray[default]" (the dev extra lists it)')
-    with LocalRayCluster(num_cpus=4, object_store_bytes=400_000_000) as cluster:
+    secret = f"not-a-real-secret-{uuid.uuid4().hex}"  # in the environment of every process of the cluster
+    with LocalRayCluster(num_cpus=4, object_store_bytes=400_000_000,
+                         node_env={"AWS_SECRET_ACCESS_KEY": secret}) as cluster:
         env = cluster.env(RAY_ADDRESS=cluster.dashboard_url)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's `ray`
         log = tmp_path / "submit.log"
@@ -66,3 +69,5 @@ def test_ray_job_submit_runs_the_tiny_config_to_a_report(tmp_path):
     assert json.loads((ckpt / "train_state.json").read_text())["epoch"] == 0
     assert 0.0 <= json.loads((run_dir / "rounds" / "r1" / "metrics.json").read_text())["test"]["accuracy"] <= 1.0
     assert "zero-shot" in (run_dir / "report" / "report.md").read_text()
+    leaks = [str(p) for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaks and secret not in output, f"the cluster's AWS_SECRET_ACCESS_KEY was written to {leaks or 'the log'}"

@@ -47,8 +47,11 @@ def marked_processes(marker_value: str) -> list[psutil.Process]:
 class LocalRayCluster:
     """`ray start --head --block` in a child process; `.gcs_address` for drivers, `.dashboard_url` for `ray job`."""
 
-    def __init__(self, num_cpus: int = 4, object_store_bytes: int = 400_000_000, start_timeout: float = 300.0):
+    def __init__(self, num_cpus: int = 4, object_store_bytes: int = 400_000_000, start_timeout: float = 300.0,
+                 node_env: dict | None = None):
+        """`node_env`: extra environment of the node's processes (its workers, actors and job drivers inherit it)."""
         self.num_cpus, self.object_store_bytes, self.start_timeout = num_cpus, object_store_bytes, start_timeout
+        self.node_env = {"DS_ACCELERATOR": "cpu", **(node_env or {})}
         # Short: Ray's Unix socket paths live under it and must stay below ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         self.port, self.dashboard_port = free_port(), free_port()
@@ -70,7 +73,7 @@ class LocalRayCluster:
                "--temp-dir", self.temp_dir, "--disable-usage-stats"]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=self.env(DS_ACCELERATOR="cpu"))
+                                         env=self.env(**self.node_env))
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:

@@ -6,10 +6,16 @@ Roles are custom resources, as on a real fleet: `trainer` nodes take Ray Train w
 (`scoring.custom_resources={scorer: 0.5}`); the head takes neither, so that it (and the driver attached
 to it) survives when a test removes a trainer or a scorer node.
 
-The cluster lives in its own Ray temp dir: `Cluster` writes its address to `<temp>/ray/ray_current_cluster`,
-and a plain `ray.init()` anywhere on the machine (other test sessions included) would join the newest
-address found there. With RAY_TMPDIR pointed at a private dir while the head starts, nobody finds it
-by accident; drivers join it by its explicit address (`run.ray_address=…`).
+The cluster is owned by a helper process (`python multinode_lib.py --serve`, driven over a pipe), never by the
+caller's process: an in-process GCS client of a cluster that has been shut down makes Ray terminate its process
+60 s later ("Failed to connect to GCS within 60 seconds"), which would kill a pytest session that goes on to
+other modules. The caller stays free of Ray state, so an in-process Ray of other tests is untouched. The helper
+shuts the cluster down when the pipe closes, also when its caller dies.
+
+The cluster lives in its own Ray temp dir (RAY_TMPDIR, set in the helper only): `Cluster` writes its address
+to `<temp>/ray/ray_current_cluster`, and a plain `ray.init()` anywhere on the machine (other test sessions
+included) would join the newest address found there. Drivers join it by its explicit address
+(`run.ray_address=…`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -43,35 +50,23 @@ ROLE_RESOURCES = {"head": {}, "trainer": {"trainer": 1}, "scorer": {"scorer": 1}
 SYSTEM_CONFIG = {"health_check_period_ms": 2000, "health_check_timeout_ms": 8000, "health_check_failure_threshold": 4}
 
 
-class LocalCluster:
-    """head + trainer/scorer nodes, each with its own logical CPUs and object store; `roles` maps role → nodes."""
+class _Server:
+    """The helper process's side: the `ray.cluster_utils.Cluster` itself; one JSON request per stdin line."""
 
-    def __init__(self, trainers: int = 2, scorers: int = 1, cpus_per_node: int = 1, object_store_mb: int = 200,
-                 env: dict | None = None, head_resources: dict | None = None, head_cpus: int | None = None):
-        """`head_resources` gives the head a role too (e.g. {"scorer": 1}, or both roles for a 1-node baseline)."""
+    def __init__(self, trainers: int, scorers: int, cpus_per_node: int, object_store_mb: int,
+                 head_resources: dict | None = None, head_cpus: int | None = None):
         from ray.cluster_utils import Cluster
 
         self.cpus_per_node, self.object_store_mb = cpus_per_node, object_store_mb
         self.head_resources, self.head_cpus = dict(head_resources or {}), head_cpus
-        # Short: a node's Unix socket paths live under it and are capped at 107 bytes.
-        self.temp_dir = tempfile.mkdtemp(prefix="lmn", dir="/tmp")
-        self._saved_env = {k: os.environ.get(k) for k in ("RAY_TMPDIR", *(env or {}))}
-        os.environ["RAY_TMPDIR"] = self.temp_dir  # nodes started from here inherit it, the address file goes there
-        os.environ.update(env or {})  # e.g. DS_ACCELERATOR=cpu, HF_HUB_OFFLINE=1 for every worker process
-        self.roles: dict[str, list] = {"head": [], "trainer": [], "scorer": []}  # live nodes
-        self.role_by_id: dict[str, str] = {}  # every node ever added, removed ones included
-        self.removed: set[str] = set()
-        try:
-            self.cluster = Cluster(initialize_head=True, head_node_args=self._node_args("head", head=True))
-            self._track("head", self.cluster.head_node)
-            for _ in range(trainers):
-                self.add("trainer")
-            for _ in range(scorers):
-                self.add("scorer")
-            self.cluster.wait_for_nodes()
-        except BaseException:
-            self.shutdown()
-            raise
+        self.nodes: dict[str, object] = {}  # live node id → Node
+        self.cluster = Cluster(initialize_head=True, head_node_args=self._node_args("head", head=True))
+        self.head_id = self.cluster.head_node.node_id
+        self.layout = {self.head_id: "head"}
+        for role, n in (("trainer", trainers), ("scorer", scorers)):
+            for _ in range(n):
+                self.layout[self.add(role)] = role
+        self.cluster.wait_for_nodes()
 
     def _node_args(self, role: str, head: bool = False) -> dict:
         args = {"num_cpus": self.cpus_per_node, "resources": dict(ROLE_RESOURCES[role]), "labels": {"role": role},
@@ -80,69 +75,148 @@ class LocalCluster:
             args["resources"].update(self.head_resources)
             args.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0,
                         _system_config=SYSTEM_CONFIG)
-            if self.head_cpus is not None:
+            if self.head_cpus is not None:  # a bigger head (the 1-node baseline): object store scales with CPUs
                 args["num_cpus"] = self.head_cpus
                 args["object_store_memory"] = self.object_store_mb * self.head_cpus * 1024 * 1024
         return args
 
-    @property
-    def address(self) -> str:
-        return self.cluster.address
+    def add(self, role: str) -> str:
+        node = self.cluster.add_node(**self._node_args(role))
+        self.nodes[node.node_id] = node
+        return node.node_id
 
-    def add(self, role: str):
-        return self._track(role, self.cluster.add_node(**self._node_args(role)))
+    def remove(self, node_id: str) -> None:
+        self.cluster.remove_node(self.nodes.pop(node_id), allow_graceful=False)  # SIGKILL: a crash, not a drain
 
-    def _track(self, role: str, node):
-        self.roles[role].append(node)
-        self.role_by_id[node.node_id] = role
-        return node
-
-    def remove(self, node) -> None:
-        """Kill every process of a node at once (SIGKILL: a crash, not a drain)."""
-        for nodes in self.roles.values():
-            if node in nodes:
-                nodes.remove(node)
-        self.removed.add(node.node_id)
-        self.cluster.remove_node(node, allow_graceful=False)
-
-    def role_of(self, node_id: str) -> str | None:
-        return self.role_by_id.get(node_id)
-
-    def node(self, node_id: str):
-        """The live node with this id."""
-        return next(n for nodes in self.roles.values() for n in nodes if n.node_id == node_id)
-
-    def actors(self, class_name: str) -> list:
-        """Actors whose class name contains `class_name`, dead ones included, with their node ids and restart
-        counts (Ray's state API, served by the head's dashboard)."""
+    def actors(self) -> list[dict]:
         from ray.util.state import list_actors
 
         for attempt in range(5):
             try:
-                return [a for a in list_actors(address=self.address, limit=10000, detail=True,
-                                               raise_on_missing_output=False) if class_name in a.class_name]
+                return [{"actor_id": a.actor_id, "class_name": a.class_name, "state": a.state,
+                         "node_id": a.node_id, "num_restarts": int(a.num_restarts or 0)}
+                        for a in list_actors(address=self.cluster.address, limit=10000, detail=True,
+                                             raise_on_missing_output=False)]
             except Exception:  # the state API is briefly unavailable while the head is busy
                 if attempt == 4:
                     raise
                 time.sleep(1)
         return []
 
-    def shutdown(self) -> None:
-        import ray.experimental.internal_kv as kv
 
-        cluster = getattr(self, "cluster", None)
-        if cluster is not None:
-            # Cluster.shutdown resets this process's internal-KV client; an in-process Ray of another fixture
-            # (tests/conftest.py's ray_session) still needs its own.
-            saved = kv.global_gcs_client
-            cluster.shutdown()
-            if saved is not None:
-                kv._initialize_internal_kv(saved)
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _serve() -> None:
+    # The pipes get private descriptors; fds 0/1 of this process (inherited by every Ray process it starts)
+    # become /dev/null and the log, so that nothing but the replies reaches the caller.
+    requests, reply = os.fdopen(os.dup(0)), os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(2, 1)
+    server = None
+    try:
+        for line in requests:
+            req = json.loads(line)
+            op, args = req["op"], req.get("args", {})
+            try:
+                if op == "start":
+                    server = _Server(**args)
+                    out = {"address": server.cluster.address, "layout": server.layout}
+                elif op == "add":
+                    out = server.add(**args)
+                elif op == "remove":
+                    out = server.remove(**args)
+                elif op == "actors":
+                    out = server.actors()
+                elif op == "shutdown":
+                    break
+                else:
+                    raise ValueError(f"unknown op {op!r}")
+                reply.write(json.dumps({"ok": out}) + "\n")
+            except Exception as e:  # noqa: BLE001 - sent back, raised in the caller
+                reply.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+            reply.flush()
+    finally:
+        if server is not None:
+            server.cluster.shutdown()
+
+
+class LocalCluster:
+    """head + trainer/scorer nodes, each with its own logical CPUs and object store, in a helper process.
+
+    `roles` maps role → live node ids; `role_of` also knows removed nodes; `actors` lists Ray's actors."""
+
+    def __init__(self, trainers: int = 2, scorers: int = 1, cpus_per_node: int = 1, object_store_mb: int = 200,
+                 env: dict | None = None, head_resources: dict | None = None, head_cpus: int | None = None):
+        """`head_resources` gives the head a role too (e.g. {"scorer": 1}, or both roles for a 1-node baseline);
+        `env` goes to every Ray process of the cluster (e.g. DS_ACCELERATOR=cpu)."""
+        # Short: a node's Unix socket paths live under it and are capped at 107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="lmn", dir="/tmp")
+        self.log = Path(self.temp_dir) / "cluster.log"
+        env = {**os.environ, **(env or {}), "RAY_TMPDIR": self.temp_dir}
+        env.pop("RAY_ADDRESS", None)
+        with open(self.log, "w") as log:
+            self._proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=log, env=env, text=True, bufsize=1,
+                                          start_new_session=True)
+        self.roles: dict[str, list[str]] = {"head": [], "trainer": [], "scorer": []}  # live node ids
+        self.role_by_id: dict[str, str] = {}  # every node ever added, removed ones included
+        self.removed: set[str] = set()
+        try:
+            started = self._call("start", trainers=trainers, scorers=scorers, cpus_per_node=cpus_per_node,
+                                 object_store_mb=object_store_mb, head_resources=head_resources, head_cpus=head_cpus)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.address: str = started["address"]
+        for node_id, role in started["layout"].items():
+            self._track(role, node_id)
+
+    def _call(self, op: str, **args):
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"the cluster helper has exited; its log:\n{self.tail()}")
+        self._proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the cluster helper died during {op!r}; its log:\n{self.tail()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"cluster {op!r} failed: {reply['error']}")
+        return reply["ok"]
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def _track(self, role: str, node_id: str) -> str:
+        self.roles[role].append(node_id)
+        self.role_by_id[node_id] = role
+        return node_id
+
+    def add(self, role: str) -> str:
+        """Start a node of a role (`trainer` or `scorer`); returns its node id."""
+        return self._track(role, self._call("add", role=role))
+
+    def remove(self, node_id: str) -> None:
+        """Kill every process of a node at once (SIGKILL: a crash, not a drain)."""
+        self._call("remove", node_id=node_id)
+        self.roles[self.role_by_id[node_id]].remove(node_id)
+        self.removed.add(node_id)
+
+    def role_of(self, node_id: str) -> str | None:
+        return self.role_by_id.get(node_id)
+
+    def actors(self, class_name: str) -> list[SimpleNamespace]:
+        """Actors whose class name contains `class_name`, dead ones included: actor_id, class_name, state,
+        node_id (the last node it lived on), num_restarts (Ray's state API, served by the head's dashboard)."""
+        return [SimpleNamespace(**a) for a in self._call("actors") if class_name in a["class_name"]]
+
+    def shutdown(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.write(json.dumps({"op": "shutdown"}) + "\n")
+                self._proc.stdin.close()
+                self._proc.wait(timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -188,3 +262,7 @@ class Driver:
             return json.loads((self.run_dir / "state.json").read_text())["completed"]
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return []
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()
