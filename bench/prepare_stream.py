@@ -12,10 +12,8 @@ Each size runs in its own subprocess, so each peak RSS is that run's own. The cl
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,40 +22,16 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DISTINCT = 4096  # distinct generated images, cycled: decode work per row is the same, generation stays fast
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def _generated_pngs(size: int, seed: int = 0) -> list[bytes]:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = []
-    for _ in range(DISTINCT):
-        # Smooth colour gradients plus noise: PNGs of ~1-3 kB, like CIFAR's.
-        a, b, c = rng.uniform(0, 1, (3, 3))
-        img = (a[:, None, None] * xx + b[:, None, None] * yy + c[:, None, None]) * 127
-        img = img.transpose(1, 2, 0) + rng.normal(0, 12, (size, size, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DISTINCT, REPO, generated_pngs, rss_mb, versions  # noqa: E402
 
 
 def child(n: int, size: int, root: str, batch_size: int) -> dict:
     """One measured run: write the pool, then stream it once; returns the figures."""
     from loft_dist.data.store import read_split, write_split
 
-    pngs = _generated_pngs(size)
+    pngs = generated_pngs(size)
     rows = ({"id": i, "image": pngs[i % DISTINCT], "label": -1, "true_label": i % 10, "source": f"gen:{i}"}
             for i in range(n))
     t0 = time.perf_counter()
@@ -74,13 +48,13 @@ def child(n: int, size: int, root: str, batch_size: int) -> dict:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     peak = {"rss": rss_before}
     stop = threading.Event()
 
     def sample() -> None:  # the sampled peak during streaming, beside ru_maxrss (the whole process's peak)
         while not stop.is_set():
-            peak["rss"] = max(peak["rss"], _rss_mb())
+            peak["rss"] = max(peak["rss"], rss_mb())
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -105,16 +79,6 @@ def child(n: int, size: int, root: str, batch_size: int) -> dict:
             "steady_img_s": (n - batch_size) / max(stream_s - first, 1e-9), "first_batch_s": first,
             "stream_s": stream_s, "rss_before_mb": rss_before, "rss_peak_sampled_mb": peak["rss"],
             "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def versions() -> str:
-    import PIL
-    import pyarrow
-    import ray
-    import torch
-
-    return (f"Python {platform.python_version()}, ray {ray.__version__}, pyarrow {pyarrow.__version__}, "
-            f"torch {torch.__version__}, Pillow {PIL.__version__}")
 
 
 def main() -> int:

@@ -88,7 +88,7 @@ def run(cfg: Config) -> dict:
         eta = left * sum(state.times) / len(state.times)
         log.info("phase %s done in %.1f s; %d phases left, ETA %.0f s", name, state.times[-1], left, eta)
 
-    root = str(Path(cfg.data_root).resolve())
+    root = cfg.data_root if "://" in cfg.data_root else str(Path(cfg.data_root).resolve())  # URIs stay URIs
     phase("prepare", lambda: prepare_dataset(cfg))
     info = read_dataset_info(root)
     classes = info["class_names"]

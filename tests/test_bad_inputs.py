@@ -208,6 +208,21 @@ def test_duplicate_ids_across_shards_of_a_split(tmp_path):
     assert check_unique_ids([a, _shard(tmp_path / "part-00002.parquet", [4, 5])]) == 5
 
 
+def test_scoring_job_refuses_a_split_with_duplicate_ids(tmp_path):
+    """The check runs where the contract is relied on: before the scoring job starts any Ray work."""
+    from loft_dist.scoring.job import score_shards
+
+    shards = tmp_path / "unlabeled"
+    shards.mkdir()
+    a, b = _shard(shards / "part-00000.parquet", [1, 2]), _shard(shards / "part-00001.parquet", [3, 1])
+    cfg = load_config(TINY, [f"run.storage_path={tmp_path}"])
+    out = tmp_path / "run" / "pseudo_labels"
+    with pytest.raises(DuplicateIdError) as e:
+        score_shards(cfg, [a, b], str(out), class_names=["c0", "c1"], mode="zero_shot", label="unlabeled")
+    assert str(e.value).startswith(f"unlabeled: id 1 appears twice: {a} record 0 and {b} record 1")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config: the key, the bad value, what is allowed — before Ray starts
 
@@ -282,7 +297,8 @@ def test_scored_shard_quarantines_exactly_the_bad_images(tmp_path, ray_session):
 
     images = [_encode(_rgb(i), "PNG") for i in range(12)] + [data for data, _ in ODD_BUT_VALID.values()]
     bad = {100 + k: name for k, name in enumerate(UNDECODABLE)}
-    rows = [{"id": i, "image": img, "label": -1, "true_label": i % 10, "source": "test"} for i, img in enumerate(images)]
+    rows = [{"id": i, "image": img, "label": -1, "true_label": i % 10, "source": "test"}
+            for i, img in enumerate(images)]
     rows += [{"id": i, "image": UNDECODABLE[name][0], "label": -1, "true_label": 0, "source": "test"}
              for i, name in bad.items()]
     rng = np.random.default_rng(0)

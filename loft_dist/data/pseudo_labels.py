@@ -212,7 +212,8 @@ def round_datasets(data_root: str, cfg, num_classes: int, pl_table: str, zs_tabl
 
     if cfg.algorithm.mode == "online":
         ds, n_pool = online_datasets(data_root, cfg, num_classes, zs_table)
-        return ds, f"labeled rows + {n_pool} pool rows pseudo-labeled at every step (online)"
+        return ds, (f"labeled rows + {n_pool} pool rows pseudo-labeled at every step (online)" if n_pool else
+                    "labeled rows only: the stage-1 zero-shot filter rejected every pool row (online)")
     table = pl_table if get_method(cfg.algorithm.name).pseudo_labels else None
     ds, n_accepted = training_dataset(data_root, cfg, num_classes, table)
     return {"train": ds}, (f"labeled rows + {n_accepted} accepted pseudo-labeled rows" if table else

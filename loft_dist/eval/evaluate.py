@@ -8,7 +8,7 @@ import numpy as np
 
 from loft_dist.data.pseudo_labels import is_complete, read_columns
 from loft_dist.data.quarantine import quarantine
-from loft_dist.data.store import write_json_atomic
+from loft_dist.data.store import split_exists, write_json_atomic
 from loft_dist.eval.metrics import classification_metrics, ood_metrics, pseudo_label_metrics
 
 
@@ -19,7 +19,7 @@ def evaluate_round(cfg, data_root: str, round_dir: Path, *, classes: list[str], 
     run_dir = round_dir.parent.parent
     preds = {}
     for split in ("test", "ood_test"):
-        if split == "ood_test" and not (Path(data_root) / split).is_dir():
+        if split == "ood_test" and not split_exists(data_root, split):
             continue
         out = round_dir / "predictions" / split
         score_split(cfg, data_root, split, str(out), class_names=classes, mode=mode, checkpoint=checkpoint)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loft_dist.config import to_dict
 from loft_dist.data.pseudo_labels import SUCCESS, commit_table, is_complete
+from loft_dist.data.quarantine import check_unique_ids
 from loft_dist.data.store import count_rows, shard_paths
 from loft_dist.data.transforms import decode_batch
 from loft_dist.scoring.scorer import Scorer
@@ -53,6 +54,7 @@ def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str],
     out = Path(out_dir)
     if is_complete(out):
         return json.loads((out / SUCCESS).read_text())["rows"]
+    check_unique_ids(paths, label or out.name)  # one row per image needs one id per image (a row count cannot tell)
     s = cfg.scoring
     per_chunk = s.shards_per_chunk or len(paths)
     chunks = [paths[i:i + per_chunk] for i in range(0, len(paths), per_chunk)]

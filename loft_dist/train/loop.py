@@ -47,7 +47,8 @@ def _rows(out, idx):
 
 
 def _cycle(shard, batch_size: int, shuffle: int):
-    """Pool batches forever: a new pass (fresh random views) each time the shard is exhausted.
+    """Pool batches forever: a new pass (fresh random views) each time the shard is exhausted; None forever if
+    the shard is empty (e.g. stage 1 rejected the whole pool), so the steps train on labeled rows only.
 
     Ray Train splits with equal=True, so every rank's pass has the same batches and ranks start passes together.
     """
@@ -58,11 +59,16 @@ def _cycle(shard, batch_size: int, shuffle: int):
             empty = False
             yield batch
         if empty:
-            raise RuntimeError("the unlabeled pool shard of this worker is empty; online mode needs pool rows")
+            break
+    while True:
+        yield None
 
 
 def online_batch(engine, acfg, labeled: dict, pool: dict, device, in_dtype):
     """One online step's outputs and targets: teacher on the weak view, student rows = labeled + strong view."""
+    if pool is None:
+        out = _float(engine(labeled["image"].to(device, dtype=in_dtype)))
+        return out, *(labeled[k].to(device) for k in ("code", "target", "weight", "soft"))
     b, n = len(labeled["image"]), len(pool["image"])
     images = torch.cat([labeled["image"], pool["image_weak"], pool["image"]]).to(device, dtype=in_dtype)
     out = _float(engine(images))

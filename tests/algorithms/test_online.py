@@ -33,3 +33,11 @@ def test_online_batch_pseudo_labels_the_weak_view_and_trains_the_strong_view():
     # c_ood rejects low-MSP rows: [.5, .5] is rejected at c_ood 0.5 (q <= c_ood)
     a.c_ood = 0.5
     assert online_batch(engine, a, labeled, pool, "cpu", torch.float32)[1].tolist()[2] == REJECTED
+
+
+def test_online_batch_without_pool_rows_trains_the_labeled_rows():
+    a = load_config(None, ["algorithm.mode=online"]).algorithm
+    labeled = {"image": torch.zeros(2, 1), "code": torch.tensor([LABELED, LABELED]), "target": torch.tensor([1, 0]),
+               "weight": torch.ones(2), "soft": torch.zeros(2, 2)}
+    out, code, target, _, _ = online_batch(lambda x: torch.zeros(len(x), 2), a, labeled, None, "cpu", torch.float32)
+    assert out.shape == (2, 2) and code.tolist() == [LABELED, LABELED] and target.tolist() == [1, 0]

@@ -54,7 +54,8 @@ def test_ray_job_submit_runs_the_tiny_config_to_a_report(tmp_path):
                                  submission.group(1)], capture_output=True, text=True, env=env, timeout=120)
         assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
         # The driver joined this cluster (run.ray_address unset: RAY_ADDRESS from the job), not a Ray of its own.
-        assert re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{cluster.port}\b", output), output[-4000:]
+        joined = re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{cluster.port}\b", output)
+        assert joined, output[-4000:]
 
     run_dir = tmp_path / "job"
     assert json.loads((run_dir / "state.json").read_text())["completed"] == PHASES
@@ -70,4 +71,5 @@ def test_ray_job_submit_runs_the_tiny_config_to_a_report(tmp_path):
     assert 0.0 <= json.loads((run_dir / "rounds" / "r1" / "metrics.json").read_text())["test"]["accuracy"] <= 1.0
     assert "zero-shot" in (run_dir / "report" / "report.md").read_text()
     leaks = [str(p) for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
-    assert not leaks and secret not in output, f"the cluster's AWS_SECRET_ACCESS_KEY was written to {leaks or 'the log'}"
+    assert not leaks and secret not in output, \
+        f"the cluster's AWS_SECRET_ACCESS_KEY was written to {leaks or 'the log'}"

@@ -13,6 +13,7 @@ from loft_dist.rounds import run
 
 pytestmark = pytest.mark.slow
 
+DATA = ["data.ood_test=0"]  # no OOD test split: one scoring job less per evaluation keeps the file within minutes
 CASES = [  # (algorithm.name, algorithm.mode)
     ("zero_shot", "offline"), ("lp", "offline"), ("lft", "offline"), ("fft", "offline"), ("fixmatch", "offline"),
     ("loft", "offline"), ("loft_ow", "offline"), ("ulfine", "offline"), ("loft", "online"),
@@ -25,7 +26,7 @@ def shared(tmp_path_factory, ray_session):
     from loft_dist.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("methods")
-    prepare_dataset(load_config("configs/tiny.yaml", [f"data.root={root / 'data'}"]))
+    prepare_dataset(load_config("configs/tiny.yaml", [f"data.root={root / 'data'}", *DATA]))
     return root
 
 
@@ -33,7 +34,7 @@ def shared(tmp_path_factory, ray_session):
 def test_method_runs_through_the_round_driver(shared, name, mode):
     cfg = load_config("configs/tiny.yaml", [
         f"run.storage_path={shared / 'runs'}", f"run.name={name}-{mode}", f"data.root={shared / 'data'}",
-        f"algorithm.name={name}", f"algorithm.mode={mode}", "rounds.num_rounds=1", "train.epochs_per_round=1"])
+        f"algorithm.name={name}", f"algorithm.mode={mode}", "rounds.num_rounds=1", "train.epochs_per_round=1", *DATA])
     summary = run(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     last = 0 if name == "zero_shot" else 1

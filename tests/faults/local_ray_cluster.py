@@ -54,7 +54,9 @@ class LocalRayCluster:
         self.node_env = {"DS_ACCELERATOR": "cpu", **(node_env or {})}
         # Short: Ray's Unix socket paths live under it and must stay below ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-        self.port, self.dashboard_port = free_port(), free_port()
+        # The job agent's HTTP port defaults to a fixed 52365: on a machine with other Ray instances it is taken, the
+        # agent then serves no HTTP, and every submission fails with "No available agent to submit job".
+        self.port, self.dashboard_port, self.agent_port = free_port(), free_port(), free_port()
         self.gcs_address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.log_path = Path(self.temp_dir) / "ray_start.log"
@@ -69,6 +71,7 @@ class LocalRayCluster:
     def start(self) -> "LocalRayCluster":
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+               "--dashboard-agent-listen-port", str(self.agent_port),
                "--num-cpus", str(self.num_cpus), "--object-store-memory", str(self.object_store_bytes),
                "--temp-dir", self.temp_dir, "--disable-usage-stats"]
         with open(self.log_path, "w") as log:
@@ -78,17 +81,26 @@ class LocalRayCluster:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"`ray start` exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            if self._job_api_ready():
+            if self._job_api_ready() and self._agent_listening():
                 return self
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"Ray's job API at {self.dashboard_url} did not come up:\n{self.log_path.read_text()}")
+                raise RuntimeError(f"Ray's job API at {self.dashboard_url} did not come up:\n"
+                                   f"{self.log_path.read_text()}")
             time.sleep(1.0)
 
     def _job_api_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=5) as r:
                 return r.status == 200
+        except OSError:
+            return False
+
+    def _agent_listening(self) -> bool:
+        """The job agent submits jobs; it registers with the head right after its HTTP server is up."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.agent_port), timeout=5):
+                return True
         except OSError:
             return False
 

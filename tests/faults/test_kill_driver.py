@@ -62,8 +62,9 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
     run_dir = tmp_path / name
     secret = f"not-a-real-secret-{uuid.uuid4().hex}"
     cmd = [LOFT_DIST, "run", TINY, f"run.storage_path={tmp_path}", f"run.name={name}", f"data.root={prepared_root}",
-           *DATA_OVERRIDES, "rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}", "scoring.shards_per_chunk=4",
-           f"run.ray_address={cluster.gcs_address}"]
+           *DATA_OVERRIDES, "rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}",
+           f"train.num_to_keep={EPOCHS + 2}",  # keep every checkpoint, to see which epochs were reported
+           "scoring.shards_per_chunk=4", f"run.ray_address={cluster.gcs_address}"]
     env = cluster.env(AWS_SECRET_ACCESS_KEY=secret, DS_ACCELERATOR="cpu")
     r1 = run_dir / "rounds" / "r1"
     chunk0 = r1 / ".pseudo_labels.work" / "chunk-00000"
@@ -74,7 +75,8 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
         return (chunk0 / "_SUCCESS").is_file() and "r1.score" not in completed(run_dir)
 
     outcome = _drive(cmd, env, logs[0], kill_when=scoring_chunk0_committed)
-    assert outcome == "killed", f"{outcome} before round 1's first scoring chunk was committed:\n{logs[0].read_text()[-3000:]}"
+    assert outcome == "killed", \
+        f"{outcome} before round 1's first scoring chunk was committed:\n{logs[0].read_text()[-3000:]}"
     assert completed(run_dir) == PHASES[:3]
     chunk0_files = {f.name: f.stat().st_mtime_ns for f in chunk0.glob("*.parquet")}
     assert chunk0_files
@@ -99,7 +101,8 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
     for r in (0, 1):
         ids = table_ids(run_dir / "rounds" / f"r{r}" / "pseudo_labels")
         assert len(ids) == len(set(ids)) and sorted(ids) == pool, f"round {r}: pool ids lost or duplicated"
-    kept = {f.name.removeprefix("chunk-00000-"): f.stat().st_mtime_ns for f in (r1 / "pseudo_labels").glob("chunk-00000-*")}
+    kept = {f.name.removeprefix("chunk-00000-"): f.stat().st_mtime_ns
+            for f in (r1 / "pseudo_labels").glob("chunk-00000-*")}
     assert kept == chunk0_files, "round 1's committed scoring chunk was rewritten after the driver was killed"
 
     # Training: continued from the last checkpoint the killed driver's run reported, each epoch once.

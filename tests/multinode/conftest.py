@@ -6,9 +6,10 @@ Layout (each node 1 logical CPU, a 200 MB object store, its own raylet):
   scorer   x1, {"scorer": 1}: the scoring actor pool (`scoring.custom_resources={scorer: 0.5}`)
 Tests remove and add trainer/scorer nodes; the head stays, so the cluster outlives every test.
 
-The driver is a separate `loft-dist run … run.ray_address=<cluster>` process, as under `ray job submit` on a real
-cluster: this pytest process never joins the cluster, so an in-process Ray of other test modules
-(tests/conftest.py's `ray_session`) is neither shut down nor shadowed, whichever module runs first.
+The cluster is owned by a helper process and the driver is a separate `loft-dist run … run.ray_address=<cluster>`
+process, as under `ray job submit` on a real cluster: this pytest process never joins the cluster nor holds a
+client of it, so an in-process Ray of other test modules (tests/conftest.py's `ray_session`) is neither shut
+down nor shadowed, whichever module runs first (see multinode_lib.py).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def test_train_workers_spread_over_trainer_nodes_and_scoring_stays_on_scorer_nod
 
 def test_losing_a_trainer_node_mid_round_resumes_from_the_last_checkpoint(cluster, tiny_run, driver, tmp_path):
     # Round 1 of the placement run up to its scored pool (the round-1 pool table comes from the initial model and
-    # does not depend on train.*); this copy trains the round with 4 epochs so that the node loss lands mid-round.
+    # does not depend on train.*); this copy trains the round with 3 epochs so that the node loss lands mid-round.
     run_dir = tmp_path / "trainer_loss"
     shutil.copytree(tiny_run.run_dir, run_dir, ignore=shutil.ignore_patterns("ray_train", "report"))
     r1 = run_dir / "rounds" / "r1"
@@ -120,7 +120,7 @@ def test_losing_a_trainer_node_mid_round_resumes_from_the_last_checkpoint(cluste
     (run_dir / "config.yaml").unlink()
     (run_dir / "state.json").write_text(json.dumps({"completed": ["prepare", "r0.score", "r0.eval", "r1.score"]}))
 
-    epochs = 4
+    epochs = 3
     d = driver(tmp_path, "trainer_loss", TINY_ROUND + PLACEMENT + FRACTIONS + [
         f"train.epochs_per_round={epochs}", "train.max_failures=1", "train.num_to_keep=10"])
     snapshot = run_dir / "ray_train" / "r1" / "checkpoint_manager_snapshot.json"
@@ -128,7 +128,7 @@ def test_losing_a_trainer_node_mid_round_resumes_from_the_last_checkpoint(cluste
     assert first[0]["epoch"] == 0
     victim = first[0]["worker_nodes"][1]  # rank 1's node
     assert cluster.role_of(victim) == "trainer"
-    cluster.remove(cluster.node(victim))
+    cluster.remove(victim)
     cluster.add("trainer")  # the replacement a cloud autoscaler would bring up
     d.wait()
 
@@ -159,7 +159,7 @@ def test_losing_the_scorer_node_mid_round_keeps_one_row_per_pool_image(cluster, 
     actor = wait_for(scoring_actor_placed, d, "a scoring actor of round 0", every=0.2)
     lost = actor.node_id
     assert cluster.role_of(lost) == "scorer"
-    cluster.remove(cluster.node(lost))
+    cluster.remove(lost)
     d.wait()
 
     run_dir = d.run_dir
