@@ -15,15 +15,16 @@ import pyarrow.parquet as pq
 
 from loft_dist.config import load_config
 
-# The prepared dataset is shared by every fault test, so each data.* key here is part of every test's config.
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
+# The prepared dataset is shared by every fault test, so each data.* key here is part of every test's config.
 DATA_OVERRIDES = ["data.rows_per_shard=64"]  # several shards per split: several blocks, several scoring chunks
 
 
 def fault_config(tmp_path: Path, prepared_root: str, name: str, *overrides: str):
-    return load_config(TINY, [f"run.storage_path={tmp_path}", f"run.name={name}",
-                                             f"data.root={prepared_root}", *DATA_OVERRIDES, *overrides])
+    """The tiny config on the shared prepared dataset (its `prepare` phase finds the data complete)."""
+    return load_config(TINY, [f"run.storage_path={tmp_path}", f"run.name={name}", f"data.root={prepared_root}",
+                              *DATA_OVERRIDES, *overrides])
 
 
 def ids_of(paths) -> list[int]:
@@ -44,12 +45,15 @@ def table_ids(table: Path) -> list[int]:
 def completed(run_dir: Path) -> list[str]:
     try:
         return json.loads((run_dir / "state.json").read_text())["completed"]
-    except (FileNotFoundError, ValueError):  # not written yet, or caught between write and rename
+    except FileNotFoundError:  # not written yet
         return []
 
 
 def session_actors(class_part: str, state: str | None = "ALIVE") -> list[dict]:
-    """Actors of this session's Ray whose class name contains `class_part` (GCS actor table: id, pid, state)."""
+    """Actors of this session's Ray whose class name contains `class_part`: its GCS actor table (id, pid, state).
+
+    Not `ray.util.state.list_actors`: that needs a dashboard, which the session Ray runs without, and without an
+    address it refuses to choose among the Ray instances of a shared machine."""
     import ray
 
     return [a for a in ray._private.state.actors().values()

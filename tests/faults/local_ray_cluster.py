@@ -48,17 +48,13 @@ class LocalRayCluster:
     """`ray start --head --block` in a child process; `.gcs_address` for drivers, `.dashboard_url` for `ray job`."""
 
     def __init__(self, num_cpus: int = 4, object_store_bytes: int = 400_000_000, start_timeout: float = 300.0,
-                 node_env: dict | None = None):
+                 node_env: dict | None = None, attempts: int = 3):
         """`node_env`: extra environment of the node's processes (its workers, actors and job drivers inherit it)."""
         self.num_cpus, self.object_store_bytes, self.start_timeout = num_cpus, object_store_bytes, start_timeout
         self.node_env = {"DS_ACCELERATOR": "cpu", **(node_env or {})}
+        self.attempts = attempts
         # Short: Ray's Unix socket paths live under it and must stay below ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-        # The job agent's HTTP port defaults to a fixed 52365: on a machine with other Ray instances it is taken, the
-        # agent then serves no HTTP, and every submission fails with "No available agent to submit job".
-        self.port, self.dashboard_port, self.agent_port = free_port(), free_port(), free_port()
-        self.gcs_address = f"127.0.0.1:{self.port}"
-        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.log_path = Path(self.temp_dir) / "ray_start.log"
         self.proc: subprocess.Popen | None = None
 
@@ -69,6 +65,24 @@ class LocalRayCluster:
         return env
 
     def start(self) -> "LocalRayCluster":
+        """Start the head and wait for its job API. `ray start` gives the raylet a fixed 30 s to register, which a
+        2-core machine under load can miss ("The current node timed out during startup"): that is retried."""
+        for attempt in range(1, self.attempts + 1):
+            if self._start_once():
+                return self
+            log = self.log_path.read_text()
+            self.stop(remove_temp_dir=False)
+            if "timed out during startup" not in log or attempt == self.attempts:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+                raise RuntimeError(f"`ray start` failed (attempt {attempt}):\n{log[-5000:]}")
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> bool:
+        # The job agent's HTTP port defaults to a fixed 52365: on a machine with other Ray instances it is taken, the
+        # agent then serves no HTTP, and every submission fails with "No available agent to submit job".
+        self.port, self.dashboard_port, self.agent_port = free_port(), free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                "--dashboard-agent-listen-port", str(self.agent_port),
@@ -78,16 +92,13 @@ class LocalRayCluster:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env=self.env(**self.node_env))
         deadline = time.monotonic() + self.start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"`ray start` exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            if self._job_api_ready() and self._agent_listening():
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Ray's job API at {self.dashboard_url} did not come up:\n"
-                                   f"{self.log_path.read_text()}")
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            # `ray start` prints this once its own start-up checks passed (the dashboard answers before that).
+            if "Ray runtime started" in self.log_path.read_text() and self._job_api_ready() \
+                    and self._agent_listening():
+                return True
             time.sleep(1.0)
+        return False
 
     def _job_api_ready(self) -> bool:
         try:
@@ -104,7 +115,15 @@ class LocalRayCluster:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def diagnostics(self) -> str:
+        """Tails of `ray start`'s log and of its record of processes that died, for a failure message."""
+        parts = []
+        for path in [self.log_path, *Path(self.temp_dir).glob("session_latest/logs/ray_process_exit.log")]:
+            if path.is_file():
+                parts.append(f"--- {path}\n{path.read_text()[-3000:]}")
+        return "\n".join(parts)
+
+    def stop(self, remove_temp_dir: bool = True) -> None:
         """SIGTERM `ray start --block` (it shuts its node down), then SIGKILL whatever of ours is left."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -123,7 +142,8 @@ class LocalRayCluster:
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(left, timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if remove_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalRayCluster":
         return self.start()

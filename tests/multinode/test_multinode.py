@@ -132,6 +132,7 @@ def test_losing_a_trainer_node_mid_round_resumes_from_the_last_checkpoint(cluste
     cluster.add("trainer")  # the replacement a cloud autoscaler would bring up
     d.wait()
 
+    assert "[FailurePolicy] RETRY" in d.log.read_text(errors="replace"), "Ray Train did not retry the worker group"
     results = registered_checkpoints(snapshot)
     # Each epoch reported once: the restarted worker group resumed after the last checkpoint, not from epoch 0.
     assert [m["epoch"] for m in results] == list(range(epochs)), results
