@@ -324,7 +324,8 @@ def _check_algorithm(cfg: Config, need) -> None:
     for key in ("c_hard", "c_ood", "zs_threshold"):
         v = getattr(a, key)
         need(0.0 <= v <= 1.0, f"algorithm.{key}", v, "a probability in [0, 1]")
-    need(a.c_ood <= a.c_hard, "algorithm.c_ood", a.c_ood, f"at most algorithm.c_hard ({a.c_hard})")
+    need(a.c_ood <= a.c_hard, "algorithm.c_ood", a.c_ood, f"at most algorithm.c_hard ({a.c_hard}); with no soft "
+         f"band (fixmatch, ulfine) set both, e.g. algorithm.c_hard={a.c_hard} algorithm.c_ood={a.c_hard}")
     need(a.temperature > 0, "algorithm.temperature", a.temperature, "> 0")
     for key in ("lambda_u", "lambda_uc", "tau"):
         need(getattr(a, key) >= 0, f"algorithm.{key}", getattr(a, key), ">= 0")

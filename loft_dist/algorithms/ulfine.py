@@ -100,12 +100,13 @@ class ULFineClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict:
         feat = self.clip.features(images)
-        prototypes = self.clip.head.weight + self.paf_shift
+        # fp32 whatever the engine's precision: PAF's small momentum steps would round away in bf16.
+        prototypes = self.clip.head.weight.float() + self.paf_shift.float()
         if self.training:
             # Read here, where ZeRO-3 has gathered head.weight; PAF then moves the pre-step prototype while the
             # optimizer applies the gradient step, both from the same state.
             self.step_prototypes = prototypes.detach()
-        z_text = self.clip.head.scale * F.normalize(feat, dim=-1) @ F.normalize(prototypes, dim=-1).t()
+        z_text = self.clip.head.scale * F.normalize(feat.float(), dim=-1) @ F.normalize(prototypes, dim=-1).t()
         return {"text": z_text, "lin": self.linear(feat), "feat": feat, "orth": orthogonality_loss(prototypes)}
 
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -176,6 +177,9 @@ def after_step(model: ULFineClassifier, out: dict, code: torch.Tensor, target: t
     """PAF from this step's rows on every rank (one all-reduce, so every rank applies the same update)."""
     import torch.distributed as dist
 
+    for name in ("pu", "paf_shift"):  # DeepSpeed's bf16/fp16 cast covers buffers too; the statistics stay fp32
+        if getattr(model, name).dtype != torch.float32:
+            setattr(model, name, getattr(model, name).float())
     num_classes = model.pu.numel()
     feat = F.normalize(out["feat"].detach().float(), dim=-1)
     labeled = code == LABELED
@@ -192,7 +196,6 @@ def after_step(model: ULFineClassifier, out: dict, code: torch.Tensor, target: t
     dim = feat.shape[1]
     feat_sum = packed[: num_classes * dim].view(num_classes, dim)
     count, stat = packed[num_classes * dim: num_classes * (dim + 1)], packed[num_classes * (dim + 1):]
-    model.pu += stat.to(model.pu.dtype)
-    before = model.step_prototypes.float()
-    after = prototype_adaptive_fitting(before, feat_sum, count, paf_alpha(model.pu.float(), acfg.paf.momentum))
-    model.paf_shift += (after - before).to(model.paf_shift.dtype)
+    model.pu += stat
+    before = model.step_prototypes
+    model.paf_shift += prototype_adaptive_fitting(before, feat_sum, count, paf_alpha(model.pu, acfg.paf.momentum)) - before
