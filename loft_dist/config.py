@@ -186,7 +186,7 @@ class TrainConfig:
 
 @dataclass
 class RoundsConfig:
-    num_rounds: int = 3
+    num_rounds: int = 2
 
 
 @dataclass
