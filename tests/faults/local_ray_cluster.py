@@ -23,7 +23,9 @@ from pathlib import Path
 import psutil
 
 MARKER = "LOFT_DIST_TEST_CLUSTER"
-RAY = str(Path(sys.executable).with_name("ray"))
+# This interpreter's own `ray` script; a venv that borrows the system's packages has it only on PATH.
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() \
+    else (shutil.which("ray") or "ray")
 
 
 def free_port() -> int:
