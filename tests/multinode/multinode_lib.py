@@ -44,10 +44,34 @@ FRACTIONS = ["train.cpus_per_worker=0.5", "scoring.cpus_per_actor=0.5", "scoring
 TINY_ROUND = ["rounds.num_rounds=1", "train.epochs_per_round=2", "data.ood_test=0"]
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
 RUN_TIMEOUT_S = 900
+NODE_START_TIMEOUT_S = 180  # a raylet's registration with the GCS on a busy machine (Ray's own limit: 30 s)
 ROLE_RESOURCES = {"head": {}, "trainer": {"trainer": 1}, "scorer": {"scorer": 1}}
 # Node-death detection within ~10 s instead of ~30 s (the GCS health check of every raylet); not tighter,
 # because a busy 2-core machine can delay a live raylet's answer by seconds.
 SYSTEM_CONFIG = {"health_check_period_ms": 2000, "health_check_timeout_ms": 8000, "health_check_failure_threshold": 4}
+
+
+def _patient_node_startup(limit_s: float = NODE_START_TIMEOUT_S) -> None:
+    """Give a starting raylet `limit_s` to register with the GCS instead of Ray's fixed 30 s.
+
+    On a 2-core machine shared with other test sessions (load average 50+), a raylet or the GCS can take longer
+    than 30 s to answer; Ray's `Node` then raises "The current node timed out during startup" and leaves the
+    half-started raylet behind. Only this helper process is patched."""
+    import ray._private.services as services
+
+    get_node = services.get_node
+
+    def patient_get_node(*args, **kwargs):
+        t0 = time.monotonic()
+        while True:
+            try:
+                return get_node(*args, **kwargs)
+            except RuntimeError:
+                if time.monotonic() - t0 > limit_s:
+                    raise
+                time.sleep(0.5)
+
+    services.get_node = patient_get_node
 
 
 class _Server:
@@ -57,16 +81,17 @@ class _Server:
                  head_resources: dict | None = None, head_cpus: int | None = None):
         from ray.cluster_utils import Cluster
 
+        _patient_node_startup()
         self.cpus_per_node, self.object_store_mb = cpus_per_node, object_store_mb
         self.head_resources, self.head_cpus = dict(head_resources or {}), head_cpus
         self.nodes: dict[str, object] = {}  # live node id → Node
-        self.cluster = Cluster(initialize_head=True, head_node_args=self._node_args("head", head=True))
-        self.head_id = self.cluster.head_node.node_id
+        self.cluster = Cluster()
+        self.head_id = self._start(self._node_args("head", head=True)).node_id
         self.layout = {self.head_id: "head"}
         for role, n in (("trainer", trainers), ("scorer", scorers)):
             for _ in range(n):
                 self.layout[self.add(role)] = role
-        self.cluster.wait_for_nodes()
+        self.cluster.wait_for_nodes(timeout=NODE_START_TIMEOUT_S)
 
     def _node_args(self, role: str, head: bool = False) -> dict:
         args = {"num_cpus": self.cpus_per_node, "resources": dict(ROLE_RESOURCES[role]), "labels": {"role": role},
@@ -80,8 +105,15 @@ class _Server:
                 args["object_store_memory"] = self.object_store_mb * self.head_cpus * 1024 * 1024
         return args
 
+    def _start(self, node_args: dict):
+        import ray._private.services as services
+
+        node = self.cluster.add_node(wait=False, **node_args)  # the first one is the head
+        services.wait_for_node(node.gcs_address, node.plasma_store_socket_name, NODE_START_TIMEOUT_S)
+        return node
+
     def add(self, role: str) -> str:
-        node = self.cluster.add_node(**self._node_args(role))
+        node = self._start(self._node_args(role))
         self.nodes[node.node_id] = node
         return node.node_id
 
