@@ -40,17 +40,17 @@ def row(run_dir: Path) -> tuple[tuple, str]:
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     a = cfg["algorithm"]
     rounds = sorted((run_dir / "rounds").glob("r*/metrics.json"), key=lambda p: int(p.parent.name[1:]))
-    final = json.loads(rounds[-1].read_text())
+    final = json.loads(rounds[-1].read_text())  # a run still in progress shows its last evaluated round
     peft = "–" if a["name"] == "zero_shot" else cfg["peft"]["method"]
-    cells = [a["name"], a["mode"], peft, str(final["round"]), *(_pct(_get(final, p)) for _, p in COLUMNS)]
+    cells = [f"`{run_dir.name}`", a["name"], a["mode"], peft, str(final["round"]), *(_pct(_get(final, p)) for _, p in COLUMNS)]
     key = (ORDER.index(a["name"]) if a["name"] in ORDER else len(ORDER), a["mode"] != "offline")
     return key, "| " + " | ".join(cells) + " |"
 
 
 def main(dirs: list[str]) -> None:
-    rows = sorted(row(Path(d)) for d in dirs if (Path(d) / "config.yaml").is_file())
-    print("| method | mode | peft | round | " + " | ".join(h for h, _ in COLUMNS) + " |")
-    print("|---|---|---|---|" + "---:|" * len(COLUMNS))
+    rows = sorted(row(Path(d)) for d in dirs if list(Path(d).glob("rounds/r*/metrics.json")))
+    print("| run | method | mode | peft | round | " + " | ".join(h for h, _ in COLUMNS) + " |")
+    print("|---|---|---|---|---|" + "---:|" * len(COLUMNS))
     for _, line in rows:
         print(line)
     print()
