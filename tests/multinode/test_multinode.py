@@ -144,12 +144,17 @@ def test_losing_a_trainer_node_mid_round_resumes_from_the_last_checkpoint(cluste
     assert "r1.eval" in d.completed() and (r1 / "metrics.json").is_file()
 
 
-def test_losing_the_scorer_node_mid_round_keeps_one_row_per_pool_image(cluster, tiny_run, driver, tmp_path):
+# The scorer-loss run's own pool: the tiny pool plus enough generated OOD images that scoring it takes tens of
+# seconds, so that the node is removed while the pool is being scored (the tiny pool alone is scored in ~1 s,
+# faster than the state API can report the actor's node on a busy machine).
+BIG_POOL = ["data.ood_count=6000", "data.ood_test=0"]
+
+
+def test_losing_the_scorer_node_mid_round_keeps_one_row_per_pool_image(cluster, driver, tmp_path):
     cluster.add("scorer")  # a second scorer-capable node, so that the pool can go on
     known = {a.actor_id for a in cluster.actors(SCORER)}
-    data_root = tiny_run.run_dir / "data"  # prepared by the placement run; `prepare` finds it complete
-    d = driver(tmp_path, "scorer_loss", ["rounds.num_rounds=0", "data.ood_test=0", f"data.root={data_root}",
-                                         *PLACEMENT, *FRACTIONS])
+    d = driver(tmp_path, "scorer_loss", ["rounds.num_rounds=0", *BIG_POOL, *PLACEMENT, *FRACTIONS])
+    table = d.run_dir / "rounds" / "r0" / "pseudo_labels"
 
     def scoring_actor_placed():  # round 0's pool actor, once it has a node (starting up or scoring)
         if "r0.score" in d.completed():
@@ -161,10 +166,11 @@ def test_losing_the_scorer_node_mid_round_keeps_one_row_per_pool_image(cluster, 
     lost = actor.node_id
     assert cluster.role_of(lost) == "scorer"
     cluster.remove(lost)
+    assert not (table / "_SUCCESS").exists(), "the pool table was committed before the node loss: nothing tested"
     d.wait()
 
     run_dir = d.run_dir
-    assert_one_row_per_pool_image(run_dir / "rounds" / "r0" / "pseudo_labels", pool_ids(data_root))
+    assert_one_row_per_pool_image(table, pool_ids(run_dir / "data"))
     assert json.loads((run_dir / "rounds" / "r0" / "metrics.json").read_text())["test"]["n"] > 0
     # The same actor was restarted on the other scorer node; nothing of this run's scoring left the scorer nodes.
     final = next(a for a in cluster.actors(SCORER) if a.actor_id == actor.actor_id)
