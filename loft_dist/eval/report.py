@@ -479,14 +479,15 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
         a, p, m = cfg.get("algorithm") or {}, cfg.get("peft") or {}, cfg.get("model") or {}
         final = rounds[-1]
         rows.append({"run": label, "run_dir": str(d), "round": final["round"],
-                     "method": f"{a.get('name', '?')} / {p.get('method', '?')} / {m.get('name', '?')}",
+                     "method": f"{a.get('name', '?')} ({a.get('mode', 'offline')}) / {p.get('method', '?')} / "
+                               f"{m.get('name', '?')}",
                      "values": {h: _get(final, path) for h, path in COMPARE_COLUMNS}})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# loft_dist run comparison", "",
              "Final round of each run; test accuracy by group and tertile, ECE and AUROC (ID test vs OOD test, "
              "MSP) in %; PL = pool pseudo-labels of the final round.", "",
-             "| run | method (algorithm / adapter / model) | round | " + " | ".join(h for h, _ in COMPARE_COLUMNS) + " |",
+             "| run | method (algorithm (mode) / adapter / model) | round | " + " | ".join(h for h, _ in COMPARE_COLUMNS) + " |",
              "|---|---|---|" + "---|" * len(COMPARE_COLUMNS)]
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {r['round']} | "

@@ -187,6 +187,7 @@ def test_compare_two_runs(tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
     md = (out / "compare.md").read_text()
     assert "| a/exp |" in md and "| b/exp |" in md  # same run name: the parent disambiguates
+    assert "| loft (offline) / lora / loft-tiny-vit |" in md  # the config's method, mode, adapter and model
     assert "](compare.png)" in md and not NAN_WORD.search(md)
     assert "different test sets" in md  # fake checksums differ by seed
     with Image.open(out / "compare.png") as im:
