@@ -171,7 +171,9 @@ class TrainConfig:
     lr: float = 0.02  # the tiny random-init model; the paper configs use SPEC's 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    grad_clip: float = 0.0  # 0 = off
+    # Global-norm clipping; 0 = off. 1.0 is what DeepSpeed applies when its config leaves clipping out, so it is
+    # what every run did before this key reached DeepSpeed; the paper configs set 0 (their code does not clip).
+    grad_clip: float = 1.0
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     precision: str = _choices("fp32", "bf16", "fp16")
     labeled_view: str = _choices("weak", "rrc", "clean")  # SPEC: rrc (RandomResizedCrop + flip)

@@ -19,9 +19,9 @@ def deepspeed_config(t) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # Always written: left out, DeepSpeed clips at its default global norm 1.0, and grad_clip 0 means off.
+        "gradient_clipping": float(t.grad_clip),
     }
-    if t.grad_clip > 0:
-        cfg["gradient_clipping"] = t.grad_clip
     if t.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif t.precision == "fp16":

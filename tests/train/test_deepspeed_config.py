@@ -20,6 +20,16 @@ def test_zero_stage_precision_and_clipping_reach_deepspeed():
     assert "optimizer" not in ds  # a torch optimizer is passed in: no JIT-compiled fused op
 
 
+def test_clipping_is_off_in_deepspeed_when_grad_clip_is_zero():
+    from deepspeed.runtime.config import DeepSpeedConfig  # DeepSpeed's own parser, as the engine reads the dict
+
+    def parsed(*overrides):
+        return DeepSpeedConfig(deepspeed_config(load_config(None, ["train.num_workers=1", *overrides]).train))
+
+    assert parsed("train.grad_clip=0").gradient_clipping == 0.0  # DeepSpeed's default would be 1.0
+    assert parsed("train.grad_clip=2.5").gradient_clipping == 2.5
+
+
 def test_cosine_schedule_per_epoch_over_the_whole_run():
     assert cosine_lr(0.01, 0, 100) == 0.01
     assert abs(cosine_lr(0.01, 50, 100) - 0.005) < 1e-12
