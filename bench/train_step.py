@@ -75,6 +75,8 @@ def plain_step_s(root: Path, micro: int, threads: int, steps: int = 60, engine: 
         else:
             opt.zero_grad()
             loss.backward()
+            if cfg.train.grad_clip > 0:  # the worker's engine clips at train.grad_clip: the same work here
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             opt.step()
         if i >= 10:  # warm-up excluded, as in the worker where the first epoch's steps are all counted
             times.append(time.perf_counter() - t0)
@@ -130,7 +132,7 @@ def main() -> int:
         append_section("Training step time (Ray Train + DeepSpeed worker vs plain PyTorch loop)",
                        "python bench/train_step.py", f"""
 Tiny open_clip ViT with LoRA (defaults), LoFT loss, fp32 on CPU, 1 torch thread in both (a worker has 0.5 CPU).
-Step = forward + backward + optimizer step; data wait is the time the worker waited for its next batch.
+Step = forward + backward + clipping at train.grad_clip (1.0) + optimizer step; data wait is the time the worker waited for its next batch.
 The plain loop and the one-process DeepSpeed engine step on a fixed in-memory batch; the worker steps while Ray
 Data reads and decodes its next batches on the same 2 cores, so its step shares the CPU with the pipeline.
 
