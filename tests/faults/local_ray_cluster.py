@@ -24,8 +24,8 @@ import psutil
 
 MARKER = "LOFT_DIST_TEST_CLUSTER"
 # This interpreter's own `ray` script; a venv that borrows the system's packages has it only on PATH.
-RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() \
-    else (shutil.which("ray") or "ray")
+_OWN_RAY = Path(sys.executable).with_name("ray")
+RAY = str(_OWN_RAY) if _OWN_RAY.exists() else (shutil.which("ray") or "ray")
 
 
 def free_port() -> int:
