@@ -53,14 +53,13 @@ def plain_step_s(root: Path, micro: int, threads: int, steps: int = 60, engine: 
 
         import deepspeed
 
-        from loft_dist.train.deepspeed_config import deepspeed_config
+        from loft_dist.train.deepspeed_config import build_engine
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
         deepspeed.init_distributed(dist_backend="gloo")
         t = cfg.train
         t.micro_batch_size, t.num_workers, t.zero_stage = micro, 1, 0
-        model, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params,
-                                                config=deepspeed_config(t))
+        model, opt = build_engine(model, opt, params, t)
     x = torch.randn(micro, 3, cfg.data.image_size, cfg.data.image_size)
     code = torch.full((micro,), LABELED, dtype=torch.int8)
     target = torch.randint(0, C, (micro,))

@@ -25,7 +25,7 @@ from loft_dist.algorithms.loft import HARD, LABELED, SOFT, pseudo_label_decision
 from loft_dist.config import from_dict
 from loft_dist.data.pseudo_labels import IGNORED
 from loft_dist.models.checkpoint import STATE_FILE
-from loft_dist.train.deepspeed_config import deepspeed_config
+from loft_dist.train.deepspeed_config import build_engine
 
 DS_DIR = "deepspeed"
 
@@ -107,8 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                                   config=deepspeed_config(cfg.train))
+    engine, optimizer = build_engine(model, optimizer, params, cfg.train)
     device = engine.device
     # DeepSpeed casts the module to bf16/fp16 when enabled; inputs follow, the loss is computed in fp32.
     in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)

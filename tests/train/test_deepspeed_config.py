@@ -34,3 +34,50 @@ def test_cosine_schedule_per_epoch_over_the_whole_run():
     assert cosine_lr(0.01, 0, 100) == 0.01
     assert abs(cosine_lr(0.01, 50, 100) - 0.005) < 1e-12
     assert cosine_lr(0.01, 100, 100) < 1e-12
+
+
+def test_one_rank_engine_at_zero_0_skips_its_all_reduce_and_still_trains_like_plain_torch(tmp_path, monkeypatch):
+    """build_engine turns the world-size-1 all-reduce off; the weights must still follow plain torch exactly,
+    with accumulation over 2 micro batches and clipping (which the all-reduce path would otherwise precede)."""
+    import os
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from loft_dist.train.deepspeed_config import build_engine
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # what a launcher (Ray Train) sets
+        monkeypatch.setenv(k, v)
+    t = load_config(None, ["train.num_workers=1", "train.micro_batch_size=4", "train.grad_accum=2",
+                           "train.grad_clip=0.05", "train.zero_stage=0"]).train
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))  # noqa: E731
+    plain = make()
+    ours = make()
+    ours.load_state_dict(plain.state_dict())
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(8)]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+        opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
+        engine, _ = build_engine(ours, opt, list(ours.parameters()), t)
+        assert engine.enable_backward_allreduce is False
+        for x, y in data:
+            engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+            engine.step()
+    finally:
+        dist.destroy_process_group()
+
+    opt = torch.optim.SGD(plain.parameters(), lr=0.5, momentum=0.9)
+    for i, (x, y) in enumerate(data):
+        (torch.nn.functional.cross_entropy(plain(x), y) / 2).backward()
+        if i % 2 == 1:
+            clipped = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
+            opt.step()
+            opt.zero_grad()
+    assert clipped > 0.05  # clipping really acted, so a clip in the wrong place would show
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
