@@ -139,9 +139,11 @@ def training_dataset(data_root: str, cfg, num_classes: int, pl_table: str | None
     t = cfg.train
     views = {"view": t.unlabeled_view, "image_size": cfg.data.image_size, "hflip": cfg.data.hflip,
              "labeled_view": t.labeled_view}
+    # Same num_cpus on both maps: Ray Data fuses them into one task per block (with the default 1 CPU on the
+    # second it ran as a task of its own, one more process hop per block feeding the workers).
     ds = ds.randomize_block_order(seed=cfg.run.seed).map_batches(
         decode_batch, fn_kwargs=views, batch_format="numpy", num_cpus=t.cpus_per_data_task,
-    ).map_batches(_to_train_columns, batch_format="numpy")
+    ).map_batches(_to_train_columns, batch_format="numpy", num_cpus=t.cpus_per_data_task)
     return ds, n_accepted
 
 

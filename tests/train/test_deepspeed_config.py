@@ -36,9 +36,9 @@ def test_cosine_schedule_per_epoch_over_the_whole_run():
     assert cosine_lr(0.01, 100, 100) < 1e-12
 
 
-def test_one_rank_engine_at_zero_0_skips_its_all_reduce_and_still_trains_like_plain_torch(tmp_path, monkeypatch):
-    """build_engine turns the world-size-1 all-reduce off; the weights must still follow plain torch exactly,
-    with accumulation over 2 micro batches and clipping (which the all-reduce path would otherwise precede)."""
+def test_one_rank_engine_at_zero_0_takes_the_fast_paths_and_still_trains_like_plain_torch(tmp_path, monkeypatch):
+    """build_engine turns the world-size-1 all-reduce off and clips / zeroes gradients with torch's fused calls;
+    the weights must still follow plain torch exactly, with accumulation over 2 micro batches and clipping."""
     import os
 
     import deepspeed

@@ -1,4 +1,6 @@
-"""DeepSpeed ZeRO 1 / 2 with 2 Ray Train workers reach the loss of 1 worker at the same global batch."""
+"""DeepSpeed ZeRO 0 / 1 / 2 with 2 Ray Train workers reach the loss of 1 worker at the same global batch.
+
+ZeRO 0 with 2 ranks is the path where build_engine clips with torch on the all-reduced gradients."""
 
 from __future__ import annotations
 
@@ -38,11 +40,14 @@ def _fit(root, workers: int, zero: int, micro: int) -> float:
     return metrics["loss"]
 
 
-def test_two_workers_zero1_and_zero2_match_one_worker_at_same_global_batch(data_root, ray_session):
+def test_two_workers_zero0_zero1_and_zero2_match_one_worker_at_same_global_batch(data_root, ray_session):
     single = _fit(data_root, workers=1, zero=0, micro=16)  # global batch 16
+    zero0 = _fit(data_root, workers=2, zero=0, micro=8)
     zero1 = _fit(data_root, workers=2, zero=1, micro=8)  # 2 x 8 = 16
     zero2 = _fit(data_root, workers=2, zero=2, micro=8)
     # Same model, data, global batch and lr; only the row-to-rank split differs → close final epoch losses.
+    assert zero0 == pytest.approx(single, rel=0.1), (single, zero0)
     assert zero1 == pytest.approx(single, rel=0.1), (single, zero1)
     assert zero2 == pytest.approx(single, rel=0.1), (single, zero2)
     assert zero1 == pytest.approx(zero2, rel=0.05), (zero1, zero2)
+    assert zero0 == pytest.approx(zero1, rel=0.05), (zero0, zero1)  # same split, same maths: only ZeRO differs
