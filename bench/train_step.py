@@ -182,7 +182,7 @@ def main() -> int:
             plain = plain_step_s(root, micro, threads=1)
             loader, loader_wait = plain_loader_step_s(root, micro)
             ds = plain_step_s(root, micro, threads=1, engine=True)
-            for workers, zero in ((1, 0), (2, 1)):
+            for workers, zero in ((1, 0), (2, 0), (2, 1)):  # stage 0 is the default; 1 shows what ZeRO-1 costs
                 step, wait = ray_step_s(root, micro, workers, zero)
                 rows.append((micro, workers, zero, plain, loader, loader_wait, ds, step, wait))
         ray.shutdown()
