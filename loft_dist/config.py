@@ -182,6 +182,7 @@ class TrainConfig:
     unlabeled_view: str = _choices("strong", "weak", "clean")  # the student's view of accepted pool rows
     cpus_per_data_task: float = 0.5  # Ray Data decode/augment tasks feeding the workers
     shuffle_buffer: int = 256  # rows of local shuffle in each worker's stream (0 = off)
+    prefetch_batches: int = 1  # batches each worker's iterator formats ahead, in a thread beside the step
     placement_strategy: str = _choices("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
     custom_resources: dict = field(default_factory=dict)  # e.g. {trainer: 0.01}: pins workers to trainer nodes
     max_failures: int = 1
@@ -272,6 +273,7 @@ def _check_values(cfg: Config) -> None:
          "train.global_batch_size", t.global_batch_size,
          f"0 or a multiple of train.num_workers x train.micro_batch_size ({t.num_workers} x {t.micro_batch_size})")
     need(t.cpus_per_worker > 0, "train.cpus_per_worker", t.cpus_per_worker, "> 0")
+    need(t.prefetch_batches >= 0, "train.prefetch_batches", t.prefetch_batches, "an integer >= 0")
     need(t.lr > 0, "train.lr", t.lr, "> 0")
     need(t.precision == "fp32" or t.use_gpu, "train.precision", t.precision,
          "fp32 without a GPU (bf16/fp16 need train.use_gpu=true)")

@@ -21,6 +21,7 @@ def test_defaults_are_valid_and_overrides_apply(tmp_path):
     (["train.zero_stage=4"], ["train.zero_stage=4", "0, 1, 2, 3"]),
     (["train.precision=bf16"], ["train.precision='bf16'", "use_gpu"]),
     (["scoring.max_actors=0"], ["scoring.max_actors=0", "min_actors"]),
+    (["train.prefetch_batches=-1"], ["train.prefetch_batches=-1", ">= 0"]),
     (["train"], ["not key=value"]),
     (["train=3"], ["'train' is a section"]),
 ])

@@ -46,7 +46,12 @@ def _rows(out, idx):
     return out[idx]
 
 
-def _cycle(shard, batch_size: int, shuffle: int):
+def _batches(shard, batch_size: int, t):
+    return shard.iter_torch_batches(batch_size=batch_size, drop_last=False, prefetch_batches=t.prefetch_batches,
+                                    local_shuffle_buffer_size=t.shuffle_buffer or None)
+
+
+def _cycle(shard, batch_size: int, t):
     """Pool batches forever: a new pass (fresh random views) each time the shard is exhausted; None forever if
     the shard is empty (e.g. stage 1 rejected the whole pool), so the steps train on labeled rows only.
 
@@ -54,8 +59,7 @@ def _cycle(shard, batch_size: int, shuffle: int):
     """
     while True:
         empty = True
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False,
-                                              local_shuffle_buffer_size=shuffle or None):
+        for batch in _batches(shard, batch_size, t):
             empty = False
             yield batch
         if empty:
@@ -123,8 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     online = a.mode == "online"
     shard = ray.train.get_dataset_shard("train")
-    pool = _cycle(ray.train.get_dataset_shard("pool"), a.mu * cfg.train.micro_batch_size,
-                  cfg.train.shuffle_buffer) if online else None
+    pool = _cycle(ray.train.get_dataset_shard("pool"), a.mu * cfg.train.micro_batch_size, cfg.train) if online else None
     epochs, offset, total = cfg.train.epochs_per_round, config["epoch_offset"], config["total_epochs"]
     tracker = None
     if rank == 0 and config.get("tracking_dir"):
@@ -137,8 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
             group["lr"] = lr
         sums: dict[str, float] = {}
         t_ready = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=False,
-                                              local_shuffle_buffer_size=cfg.train.shuffle_buffer or None):
+        for batch in _batches(shard, cfg.train.micro_batch_size, cfg.train):
             t_start = time.perf_counter()
             if online:
                 out, code, target, weight, soft = online_batch(engine, a, batch, next(pool), device, in_dtype)

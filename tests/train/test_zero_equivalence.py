@@ -23,12 +23,12 @@ def data_root(tmp_path_factory):
     return root
 
 
-def _fit(root, workers: int, zero: int, micro: int) -> float:
+def _fit(root, workers: int, zero: int, micro: int, *extra: str) -> float:
     cfg = load_config(None, [
         f"data.root={root / 'data'}", f"run.storage_path={root}", f"run.name=w{workers}z{zero}",
         f"train.num_workers={workers}", f"train.zero_stage={zero}", f"train.micro_batch_size={micro}",
         "train.epochs_per_round=4", "rounds.num_rounds=1", "train.labeled_view=clean", "train.shuffle_buffer=0",
-        "train.lr=0.01"])
+        "train.lr=0.01", *extra])
     info = read_dataset_info(cfg.data_root)
     counts = info["counts"]["labeled"]
     ds, _ = training_dataset(cfg.data_root, cfg, len(counts), None)
@@ -41,7 +41,8 @@ def _fit(root, workers: int, zero: int, micro: int) -> float:
 
 
 def test_two_workers_zero0_zero1_and_zero2_match_one_worker_at_same_global_batch(data_root, ray_session):
-    single = _fit(data_root, workers=1, zero=0, micro=16)  # global batch 16
+    # The reference formats its batches in the step's own thread: prefetching changes timing, never the result.
+    single = _fit(data_root, 1, 0, 16, "train.prefetch_batches=0")  # global batch 16
     zero0 = _fit(data_root, workers=2, zero=0, micro=8)
     zero1 = _fit(data_root, workers=2, zero=1, micro=8)  # 2 x 8 = 16
     zero2 = _fit(data_root, workers=2, zero=2, micro=8)
