@@ -61,10 +61,12 @@ def registered_checkpoints(snapshot: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_run(cluster, tmp_path_factory):
-    """The tiny config, one round, on the cluster: placement overrides only. Its run dir seeds the fault tests."""
+    """The tiny config, one round, on the cluster: placement overrides, and ZeRO 1 so that each rank writes an
+    optimizer shard of its own (stage 0, the default, keeps one replicated copy on rank 0). Its run dir seeds
+    the fault tests."""
     storage = tmp_path_factory.mktemp("multinode")
     before = {a.actor_id for a in cluster.actors("")}
-    d = Driver(cluster, storage, "placement", TINY_ROUND + PLACEMENT + FRACTIONS)
+    d = Driver(cluster, storage, "placement", TINY_ROUND + PLACEMENT + FRACTIONS + ["train.zero_stage=1"])
     try:
         seconds = d.wait()
     finally:
