@@ -28,24 +28,51 @@ def decode_image(data: bytes) -> Image.Image:
         arr = np.asarray(img, dtype=np.float32)
         arr = arr / max(float(arr.max()), 1.0) * 255.0
         img = Image.fromarray(arr.astype(np.uint8))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert copies even an RGB image
 
 
-def build_view(view: str, size: int, hflip: bool) -> T.Compose:
+class View:
+    """One view of SPEC A.0.4 in two parts: per-image PIL ops (flips, crops, RandAugment) that end at a
+    size x size RGB image, then ToTensor + CLIP Normalize (+ Cutout for strong) done on the whole batch at once.
+
+    Per image, ToTensor and Normalize cost 3/4 of a clean 32 px view (170 of 230 us); on a stacked uint8 batch
+    they are one vectorised op, with the same float32 results (the same elementwise ops in the same order).
+    """
+
+    def __init__(self, pil_ops: list, cutout: bool = False):
+        self.pil = T.Compose(pil_ops)
+        # Cutout of RandAugmentMC: on the normalized image, so erased pixels are 0 = the CLIP mean colour
+        self.cutout = T.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0) if cutout else None
+
+    def batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images → float32 (N, 3, S, S), normalized."""
+        x = torch.from_numpy(np.stack([np.asarray(self.pil(img), dtype=np.uint8) for img in images]))
+        x = x.to(torch.float32).div_(255).sub_(_MEAN).div_(_STD).permute(0, 3, 1, 2).contiguous()
+        if self.cutout is not None:
+            for i in range(len(x)):
+                x[i] = self.cutout(x[i])
+        return x
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.batch([img])[0]
+
+
+_MEAN, _STD = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)  # broadcast over the channels-last batch
+
+
+def build_view(view: str, size: int, hflip: bool) -> View:
     """The view pipelines of SPEC A.0.4 (FixMatch weak/strong, RandomResizedCrop for labeled data)."""
     flip = [T.RandomHorizontalFlip()] if hflip else []
-    norm = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)
     if view == "clean":
-        return T.Compose([resize, *norm])
+        return View([resize])
     weak = [*flip, resize, T.RandomCrop(size, padding=int(0.125 * size), padding_mode="reflect")]
     if view == "weak":
-        return T.Compose([*weak, *norm])
+        return View(weak)
     if view == "strong":
-        return T.Compose([*weak, T.RandAugment(num_ops=2, magnitude=10), *norm,
-                          T.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0)])  # Cutout of RandAugmentMC
+        return View([*weak, T.RandAugment(num_ops=2, magnitude=10)], cutout=True)
     if view == "rrc":
-        return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), *flip, *norm])
+        return View([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), *flip])
     raise ValueError(f"unknown view {view!r}; one of {VIEWS}")
 
 
@@ -66,17 +93,19 @@ class Decoder:
         labels = batch.get("label")
         out = np.zeros((len(images), 3, self.size, self.size), np.float32)
         errors = []
+        decoded: dict[int, Image.Image] = {}
         for i, data in enumerate(images):
             try:
-                img = decode_image(data)
+                decoded[i] = decode_image(data)
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad record, reported by reason
                 errors.append(f"{type(e).__name__}: {e}"[:200])
                 continue
-            tf = self.labeled_view if self.labeled_view is not None and labels is not None and labels[i] >= 0 \
-                else self.view
-            with torch.no_grad():
-                out[i] = tf(img).numpy()
             errors.append("")
+        labeled = {i for i in decoded if self.labeled_view is not None and labels is not None and labels[i] >= 0}
+        with torch.no_grad():
+            for view, rows in ((self.labeled_view, sorted(labeled)), (self.view, sorted(set(decoded) - labeled))):
+                if rows:
+                    out[rows] = view.batch([decoded[i] for i in rows]).numpy()
         batch["image"] = out
         batch["error"] = np.asarray(errors, dtype=object)
         return batch
