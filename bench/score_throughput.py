@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, append_section, rss_mb, write_pool  # noqa: E402
 
+EXTRA: list[str] = []
 CLASSES = [f"class{i}" for i in range(10)]
 
 
@@ -56,7 +57,7 @@ def actor_pool(paths: list[str], actors: int, tmp: Path) -> tuple[float, float]:
     from loft_dist.data.store import count_rows
     from loft_dist.scoring.job import score_shards
 
-    cfg = _cfg(tmp, f"scoring.min_actors={actors}", f"scoring.max_actors={actors}")
+    cfg = _cfg(tmp, f"scoring.min_actors={actors}", f"scoring.max_actors={actors}", *EXTRA)
     out = tmp / f"out-{actors}-{time.time_ns()}"
     t0 = time.perf_counter()
     rows = score_shards(cfg, paths, str(out), class_names=CLASSES, mode="zero_shot")

@@ -148,7 +148,10 @@ class ScoringConfig:
     cpus_per_actor: float = 0.5  # fractional on a 2-CPU Ray: leaves CPU for Ray Data's read/decode tasks
     gpus_per_actor: float = 0.0
     torch_threads: int = 1
-    cpus_per_data_task: float = 0.5  # Ray Data read/decode tasks feeding the actors
+    # Ray Data decode tasks feeding the actors. Not equal to cpus_per_actor on purpose: Ray Data fuses a task
+    # stage into the actor stage when their resources match (ray#54433), and decoding inside the actor process
+    # cannot overlap with its scoring (measured: BENCHMARKS.md, scoring throughput).
+    cpus_per_data_task: float = 0.25
     shards_per_chunk: int = 64  # resume granularity: a killed job redoes at most one chunk (0 = one chunk)
     custom_resources: dict = field(default_factory=dict)  # e.g. {scorer: 0.01}: pins actors to scorer nodes
     checkpoint: str = ""  # `loft-dist score`: the checkpoint dir that scores the pool ("" = zero-shot)

@@ -250,18 +250,18 @@ def predict(export_dir: str | Path, images: list[str], batch_size: int = 32, dev
     results: list[dict] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        tensors, slots = [], []
+        decoded, slots = [], []
         for path in chunk:
             try:
-                tensors.append(view(decode_image(Path(path).read_bytes())))
+                decoded.append(decode_image(Path(path).read_bytes()))
                 slots.append(len(results))
                 results.append({"path": path})
             except Exception as e:  # noqa: BLE001 - a bad file is reported by reason; the others are still predicted
                 results.append({"path": path, "error": f"{type(e).__name__}: {e}"[:200]})
-        if not tensors:
+        if not decoded:
             continue
         with torch.inference_mode():
-            logits = inference_logits(acfg, model, torch.stack(tensors).to(device), "test")
+            logits = inference_logits(acfg, model, torch.from_numpy(view.batch(decoded)).to(device), "test")
             probs = torch.softmax(logits.float() / acfg.temperature, dim=-1).cpu()  # as the scorer's eval mode
         conf, idx = probs.max(dim=-1)
         for slot, c, i in zip(slots, conf.tolist(), idx.tolist()):

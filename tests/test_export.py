@@ -68,7 +68,7 @@ def write_images(d):
 
 def expected(model, paths, size, logits=None):
     view = build_view("clean", size, hflip=False)
-    x = torch.stack([view(decode_image(open(p, "rb").read())) for p in paths])
+    x = torch.from_numpy(view.batch([decode_image(open(p, "rb").read()) for p in paths]))
     with torch.inference_mode():
         probs = torch.softmax(model(x) if logits is None else logits(model, x), dim=-1)
     conf, idx = probs.max(-1)

@@ -162,8 +162,6 @@ def _weak_and_strong(batch: dict, student_view: str, image_size: int, hflip: boo
 
     Each image is decoded once for both views; `ok` is 0 for a row that did not decode (its loss is ignored).
     """
-    import torch
-
     weak, strong = build_view("weak", image_size, hflip), build_view(student_view, image_size, hflip)
     images = batch.pop("image")
     out = {v: np.zeros((len(images), 3, image_size, image_size), np.float32) for v in ("image_weak", "image")}
@@ -177,8 +175,7 @@ def _weak_and_strong(batch: dict, student_view: str, image_size: int, hflip: boo
     rows = sorted(decoded)
     if rows:
         imgs = [decoded[i] for i in rows]
-        with torch.no_grad():
-            out["image_weak"][rows], out["image"][rows] = weak.batch(imgs).numpy(), strong.batch(imgs).numpy()
+        out["image_weak"][rows], out["image"][rows] = weak.batch(imgs), strong.batch(imgs)
         ok[rows] = 1
     return {"id": batch["id"], **out, "ok": ok}
 

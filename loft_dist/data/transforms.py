@@ -2,6 +2,9 @@
 
 One place decodes images: training and scoring both call `decode_batch`. A record that cannot be
 decoded is not dropped here: its `error` column says why, and the caller quarantines it.
+
+Only the random views import torch and torchvision: the clean view (scoring, evaluation) is PIL + numpy,
+so a Ray Data decode task does not pay ~3 s and ~600 MB of torch per worker process for it.
 """
 
 from __future__ import annotations
@@ -9,9 +12,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision import transforms as T
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,44 +37,74 @@ class View:
     size x size RGB image, then ToTensor + CLIP Normalize (+ Cutout for strong) done on the whole batch at once.
 
     Per image, ToTensor and Normalize cost 3/4 of a clean 32 px view (170 of 230 us); on a stacked uint8 batch
-    they are one vectorised op, with the same float32 results (the same elementwise ops in the same order).
+    they are one vectorised op, with the same float32 results as torchvision's (tests compare them bit for bit).
     """
 
-    def __init__(self, pil_ops: list, cutout: bool = False):
-        self.pil = T.Compose(pil_ops)
-        # Cutout of RandAugmentMC: on the normalized image, so erased pixels are 0 = the CLIP mean colour
-        self.cutout = T.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0) if cutout else None
+    def __init__(self, size: int, pil_ops: list | None = None, cutout: bool = False):
+        self.size, self.pil_ops = size, pil_ops
+        self.cutout = None
+        if cutout:  # Cutout of RandAugmentMC: on the normalized image, so erased pixels are 0 = the CLIP mean
+            from torchvision import transforms as T
 
-    def batch(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images → float32 (N, 3, S, S), normalized."""
-        x = torch.from_numpy(np.stack([np.asarray(self.pil(img), dtype=np.uint8) for img in images]))
-        x = x.to(torch.float32).div_(255).sub_(_MEAN).div_(_STD).permute(0, 3, 1, 2).contiguous()
+            self.cutout = T.RandomErasing(p=1.0, scale=(0.02, 0.15), value=0)
+
+    def pil(self, img: Image.Image) -> Image.Image:
+        if self.pil_ops is not None:
+            for op in self.pil_ops:
+                img = op(img)
+            return img
+        s = (self.size, self.size)  # the clean view: torchvision's Resize on PIL is this resize (a copy if equal)
+        return img if img.size == s else img.resize(s, Image.Resampling.BICUBIC)
+
+    def pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images → the view's uint8 (N, S, S, 3) pixels, before normalization."""
+        return np.stack([np.asarray(self.pil(img), dtype=np.uint8) for img in images])
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        x = normalize(pixels)
         if self.cutout is not None:
+            import torch
+
             for i in range(len(x)):
-                x[i] = self.cutout(x[i])
+                x[i] = self.cutout(torch.from_numpy(x[i])).numpy()
         return x
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def batch(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images → float32 (N, 3, S, S), normalized."""
+        return self.normalize(self.pixels(images))
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
         return self.batch([img])[0]
 
 
-_MEAN, _STD = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)  # broadcast over the channels-last batch
+_MEAN, _STD = np.float32(CLIP_MEAN), np.float32(CLIP_STD)  # broadcast over the channels-last batch
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S, 3) → float32 (N, 3, S, S): torchvision's ToTensor + Normalize(CLIP mean, std)."""
+    x = pixels.astype(np.float32)
+    x /= 255
+    x -= _MEAN
+    x /= _STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def build_view(view: str, size: int, hflip: bool) -> View:
     """The view pipelines of SPEC A.0.4 (FixMatch weak/strong, RandomResizedCrop for labeled data)."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; one of {VIEWS}")
+    if view == "clean":
+        return View(size)
+    from torchvision import transforms as T
+
     flip = [T.RandomHorizontalFlip()] if hflip else []
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)
-    if view == "clean":
-        return View([resize])
     weak = [*flip, resize, T.RandomCrop(size, padding=int(0.125 * size), padding_mode="reflect")]
     if view == "weak":
-        return View(weak)
+        return View(size, weak)
     if view == "strong":
-        return View([*weak, T.RandAugment(num_ops=2, magnitude=10)], cutout=True)
-    if view == "rrc":
-        return View([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), *flip])
-    raise ValueError(f"unknown view {view!r}; one of {VIEWS}")
+        return View(size, [*weak, T.RandAugment(num_ops=2, magnitude=10)], cutout=True)
+    return View(size, [T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), *flip])
 
 
 class Decoder:
@@ -81,17 +112,24 @@ class Decoder:
 
     `labeled_view` (if set) is used for rows with label >= 0, `view` for the others. The output has an
     `error` column: "" for good rows, the reason for rows that failed to decode (their image is zeros).
+    With `normalized=False` the column holds the views' uint8 (N, S, S, 3) pixels instead, a quarter of the
+    bytes through Ray's object store; the consumer applies `normalize` (views without Cutout only).
     """
 
-    def __init__(self, view: str, image_size: int, hflip: bool = False, labeled_view: str | None = None):
-        self.size = image_size
+    def __init__(self, view: str, image_size: int, hflip: bool = False, labeled_view: str | None = None,
+                 normalized: bool = True):
+        self.size, self.normalized = image_size, normalized
         self.view = build_view(view, image_size, hflip)
         self.labeled_view = build_view(labeled_view, image_size, hflip) if labeled_view else None
+        if not normalized and any(v is not None and v.cutout is not None for v in (self.view, self.labeled_view)):
+            raise ValueError("the strong view's Cutout works on normalized images: decode it with normalized=True")
 
     def __call__(self, batch: dict) -> dict:
         images = batch.pop("image")
         labels = batch.get("label")
-        out = np.zeros((len(images), 3, self.size, self.size), np.float32)
+        s = self.size
+        out = np.zeros((len(images), 3, s, s), np.float32) if self.normalized else np.zeros((len(images), s, s, 3),
+                                                                                            np.uint8)
         errors = []
         decoded: dict[int, Image.Image] = {}
         for i, data in enumerate(images):
@@ -102,15 +140,16 @@ class Decoder:
                 continue
             errors.append("")
         labeled = {i for i in decoded if self.labeled_view is not None and labels is not None and labels[i] >= 0}
-        with torch.no_grad():
-            for view, rows in ((self.labeled_view, sorted(labeled)), (self.view, sorted(set(decoded) - labeled))):
-                if rows:
-                    out[rows] = view.batch([decoded[i] for i in rows]).numpy()
+        for view, rows in ((self.labeled_view, sorted(labeled)), (self.view, sorted(set(decoded) - labeled))):
+            if rows:
+                imgs = [decoded[i] for i in rows]
+                out[rows] = view.batch(imgs) if self.normalized else view.pixels(imgs)
         batch["image"] = out
         batch["error"] = np.asarray(errors, dtype=object)
         return batch
 
 
-def decode_batch(batch: dict, view: str, image_size: int, hflip: bool = False, labeled_view: str | None = None) -> dict:
+def decode_batch(batch: dict, view: str, image_size: int, hflip: bool = False, labeled_view: str | None = None,
+                 normalized: bool = True) -> dict:
     """Function form of `Decoder` for Ray Data task stages (building the transforms per batch is cheap)."""
-    return Decoder(view, image_size, hflip, labeled_view)(batch)
+    return Decoder(view, image_size, hflip, labeled_view, normalized)(batch)

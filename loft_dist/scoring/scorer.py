@@ -19,6 +19,7 @@ import torch
 from loft_dist.algorithms import inference_logits, load_model
 from loft_dist.algorithms.loft import DECISIONS, REJECTED, pseudo_label_decision, zero_shot_keep
 from loft_dist.config import from_dict
+from loft_dist.data.transforms import normalize
 
 MODES = ("zero_shot", "teacher", "eval")
 PURPOSE = {"zero_shot": "zero_shot", "teacher": "pseudo_label", "eval": "test"}  # which logits a mode scores with
@@ -63,7 +64,9 @@ class Scorer:
 
     def __call__(self, batch: dict) -> dict:
         a = self.cfg.algorithm
-        x = torch.from_numpy(np.require(batch["image"], np.float32, ["C", "W"])).to(self.device)
+        x = batch["image"]
+        x = normalize(x) if x.dtype == np.uint8 else np.require(x, np.float32, ["C", "W"])  # uint8: job.py decodes
+        x = torch.from_numpy(x).to(self.device)
         with torch.inference_mode():
             logits = inference_logits(a, self.model, x, PURPOSE[self.mode])
             probs = torch.softmax(logits.float() / a.temperature, dim=-1).cpu()
@@ -86,6 +89,8 @@ class Scorer:
             "true_label": np.asarray(batch["true_label"]).astype(np.int32),
             "error": errors.astype(str),
         }
+        if "path" in batch:  # the input shard of each row (job.py commits chunk by chunk; not kept in the table)
+            out["path"] = np.asarray(batch["path"]).astype(str)
         p = probs.numpy().astype(np.float32)
         if self.topk and self.topk < p.shape[1]:
             idx = np.argsort(-p, axis=1)[:, : self.topk]
