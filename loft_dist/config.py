@@ -148,10 +148,11 @@ class ScoringConfig:
     cpus_per_actor: float = 0.5  # fractional on a 2-CPU Ray: leaves CPU for Ray Data's read/decode tasks
     gpus_per_actor: float = 0.0
     torch_threads: int = 1
-    # Ray Data decode tasks feeding the actors. Not equal to cpus_per_actor on purpose: Ray Data fuses a task
-    # stage into the actor stage when their resources match (ray#54433), and decoding inside the actor process
-    # cannot overlap with its scoring (measured: BENCHMARKS.md, scoring throughput).
-    cpus_per_data_task: float = 0.25
+    # Ray Data read + decode tasks feeding the actors: a decode task keeps one core busy, so it asks for one
+    # (at 0.25, 4 decode processes per logical CPU starved the actor: 0.6x the rows/s on 2 cores). Not equal to
+    # cpus_per_actor on CPU: Ray Data then fuses decoding into the actor process (ray#54433), where it cannot
+    # overlap with scoring.
+    cpus_per_data_task: float = 1.0
     shards_per_chunk: int = 64  # resume granularity: a killed job redoes at most one chunk (0 = one chunk)
     custom_resources: dict = field(default_factory=dict)  # e.g. {scorer: 0.01}: pins actors to scorer nodes
     checkpoint: str = ""  # `loft-dist score`: the checkpoint dir that scores the pool ("" = zero-shot)
