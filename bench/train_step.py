@@ -4,7 +4,7 @@ same micro batch, same loss. The worker's step time is measured inside train_loo
 like for like, fed by a torch DataLoader decoding the same Parquet shards.
 
     python bench/train_step.py            # micro 8, 32, 128; 1 and 2 workers; medians of 3; appends to BENCHMARKS.md
-    python bench/train_step.py --no-record
+    python bench/train_step.py --micro 8 32 --configs 1:0 --no-record
 """
 
 from __future__ import annotations
@@ -211,7 +211,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved repetitions of every measurement; the table shows medians (one run on 2 "
                         "shared cores varies by up to ±30 %%)")
+    p.add_argument("--micro", type=int, nargs="+", default=list(MICRO_BATCHES), help="micro batch sizes")
+    p.add_argument("--configs", nargs="+", default=[f"{w}:{z}" for w, z in CONFIGS],
+                   help="WORKERS:ZERO pairs of the Ray Train runs (default %(default)s)")
     a = p.parse_args()
+    configs = [tuple(int(x) for x in c.split(":")) for c in a.configs]
     import ray
 
     from loft_dist.data.prepare import prepare_dataset
@@ -224,17 +228,17 @@ def main() -> int:
         ray.init(num_cpus=4, object_store_memory=400 * 2**20, include_dashboard=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
         configure_ray_data()
-        for micro in MICRO_BATCHES:
+        for micro in a.micro:
             runs = defaultdict(list)
             for _ in range(a.repeats):  # interleaved, so a slow spell of the machine hits every column alike
                 runs["plain"].append(plain_step_s(root, micro, threads=1))
                 runs["engine"].append(plain_step_s(root, micro, threads=1, engine=True))
-                for world in sorted({w for w, _ in CONFIGS}):
+                for world in sorted({w for w, _ in configs}):
                     runs["loader", world].append(plain_ddp_step_s(root, micro, world))
-                for wz in CONFIGS:
+                for wz in configs:
                     runs[wz].append(ray_step_s(root, micro, *wz))
             pl, e = statistics.median(runs["plain"]), statistics.median(runs["engine"])
-            for wz in CONFIGS:
+            for wz in configs:
                 ld, lw = (statistics.median(x) for x in zip(*runs["loader", wz[0]]))
                 s, wt = (statistics.median(x) for x in zip(*runs[wz]))
                 # per-repeat worker / plain loop at the same worker count: how far one run lands from the median
@@ -251,7 +255,8 @@ def main() -> int:
                           f"{1e3 * ld:.1f} ({1e3 * lw:.1f}) | {1e3 * s:.1f} ({1e3 * wt:.1f}) | {s / pl:.2f}x | "
                           f"**{s / ld:.2f}x** ({lo:.2f}-{hi:.2f}) |" for m, w, z, pl, ld, lw, e, s, wt, lo, hi in rows)
         append_section("Training step time (Ray Train + DeepSpeed worker vs plain PyTorch loop)",
-                       f"python bench/train_step.py --repeats {a.repeats}", f"""
+                       f"python bench/train_step.py --repeats {a.repeats} --micro {' '.join(map(str, a.micro))} "
+                       f"--configs {' '.join(a.configs)}", f"""
 Tiny open_clip ViT with LoRA (defaults), LoFT loss, fp32 on CPU, 1 torch thread everywhere (a worker has 0.5 CPU).
 Step = forward + backward + clipping at train.grad_clip (1.0) + optimizer step, timed without the wait for the
 next batch (in brackets: that wait per step). References on the same model, loss and micro batch: *plain* steps
