@@ -1,5 +1,5 @@
 """SIGKILL the driver (`loft-dist run` on a `ray start` cluster) mid-round, twice, and run the same command again:
-killed while scoring the pool (one chunk committed), then while training (one checkpoint reported). Each rerun
+killed while scoring the pool (a chunk committed), then while training (one checkpoint reported). Each rerun
 resumes after the last completed phase ("resuming after …"), keeps the committed scoring chunk, continues
 training from Ray Train's last checkpoint in the run dir, and the final tables hold every id exactly once.
 
@@ -49,7 +49,7 @@ def _drive(cmd: list[str], env: dict, log: Path, kill_when: Callable[[], bool] |
                 return "killed"
             if time.monotonic() > deadline:
                 raise TimeoutError(f"driver still running after {DRIVER_TIMEOUT_S} s; log: {log}")
-            time.sleep(0.1)
+            time.sleep(0.02)
         return f"exited {proc.returncode}"
     finally:
         if proc.poll() is None:
@@ -64,22 +64,25 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
     cmd = [LOFT_DIST, "run", TINY, f"run.storage_path={tmp_path}", f"run.name={name}", f"data.root={prepared_root}",
            *DATA_OVERRIDES, "rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}",
            f"train.num_to_keep={EPOCHS + 2}",  # keep every checkpoint, to see which epochs were reported
-           "scoring.shards_per_chunk=4", f"run.ray_address={cluster.gcs_address}"]
+           # one shard per chunk and small batches: chunks commit one by one while the rest is still scored (the
+           # job streams every chunk in one execution, so a pool this small leaves a short window to kill in)
+           "scoring.shards_per_chunk=1", "scoring.batch_size=8", f"run.ray_address={cluster.gcs_address}"]
     env = cluster.env(AWS_SECRET_ACCESS_KEY=secret, DS_ACCELERATOR="cpu")
     r1 = run_dir / "rounds" / "r1"
-    chunk0 = r1 / ".pseudo_labels.work" / "chunk-00000"
+    work = r1 / ".pseudo_labels.work"
     trial = run_dir / "ray_train" / "r1"
     logs = [tmp_path / f"driver{i}.log" for i in range(3)]
 
-    def scoring_chunk0_committed() -> bool:
-        return (chunk0 / "_SUCCESS").is_file() and "r1.score" not in completed(run_dir)
+    def scoring_chunk_committed() -> bool:
+        return any(work.glob("chunk-*/_SUCCESS")) and "r1.score" not in completed(run_dir)
 
-    outcome = _drive(cmd, env, logs[0], kill_when=scoring_chunk0_committed)
+    outcome = _drive(cmd, env, logs[0], kill_when=scoring_chunk_committed)
     assert outcome == "killed", \
         f"{outcome} before round 1's first scoring chunk was committed:\n{logs[0].read_text()[-3000:]}"
     assert completed(run_dir) == PHASES[:3]
-    chunk0_files = {f.name: f.stat().st_mtime_ns for f in chunk0.glob("*.parquet")}
-    assert chunk0_files
+    committed_files = {f"{f.parent.name}-{f.name}": f.stat().st_mtime_ns for f in work.glob("chunk-*/*.parquet")
+                       if (f.parent / "_SUCCESS").is_file()}
+    assert committed_files
 
     def training_checkpointed() -> bool:
         return len(registered_epochs(trial)) >= 1 and "r1.train" not in completed(run_dir)
@@ -101,9 +104,8 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
     for r in (0, 1):
         ids = table_ids(run_dir / "rounds" / f"r{r}" / "pseudo_labels")
         assert len(ids) == len(set(ids)) and sorted(ids) == pool, f"round {r}: pool ids lost or duplicated"
-    kept = {f.name.removeprefix("chunk-00000-"): f.stat().st_mtime_ns
-            for f in (r1 / "pseudo_labels").glob("chunk-00000-*")}
-    assert kept == chunk0_files, "round 1's committed scoring chunk was rewritten after the driver was killed"
+    kept = {f.name: f.stat().st_mtime_ns for f in (r1 / "pseudo_labels").glob("chunk-*") if f.name in committed_files}
+    assert kept == committed_files, "round 1's committed scoring chunks were rewritten after the driver was killed"
 
     # Training: continued from the last checkpoint the killed driver's run reported, each epoch once.
     assert registered_epochs(trial) == list(range(EPOCHS)), (epochs_before, registered_epochs(trial))
