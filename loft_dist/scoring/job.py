@@ -78,11 +78,12 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
         for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             keys = block.column("path").to_pylist()
             block = block.drop_columns(["path"])
-            for key in dict.fromkeys(keys):
+            unique = list(dict.fromkeys(keys))
+            for key in unique:
                 c = chunk_of.get(_path_key(key), chunk_of.get(key))
                 if c is None:
                     raise RuntimeError(f"scored rows from {key!r}, which is not one of this job's shards")
-                rows = block if len(set(keys)) == 1 else block.filter(pa.array([k == key for k in keys]))
+                rows = block if len(unique) == 1 else block.filter(pa.array([k == key for k in keys]))
                 pq.write_table(rows, tmp[c] / f"part-{parts[c]:05d}.parquet")
                 parts[c] += 1
                 got[c] += rows.num_rows
