@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from loft_dist.algorithms.loft import DECISIONS, HARD, LABELED, SOFT
 from loft_dist.data.store import read_split
-from loft_dist.data.transforms import build_view, decode_batch, decode_image
+from loft_dist.data.transforms import build_view, decode_all, decode_batch
 
 SUCCESS = "_SUCCESS"
 IGNORED = -2  # code of rows that failed to decode: they get no loss, and are counted
@@ -166,12 +166,7 @@ def _weak_and_strong(batch: dict, student_view: str, image_size: int, hflip: boo
     images = batch.pop("image")
     out = {v: np.zeros((len(images), 3, image_size, image_size), np.float32) for v in ("image_weak", "image")}
     ok = np.zeros(len(images), np.int8)
-    decoded = {}
-    for i, data in enumerate(images):
-        try:
-            decoded[i] = decode_image(data)
-        except Exception:  # noqa: BLE001 - a bad record; the scorer's tables quarantine it with its reason
-            continue
+    decoded, _ = decode_all(images)  # a bad record's loss is ignored; the scorer's tables quarantine it by reason
     rows = sorted(decoded)
     if rows:
         imgs = [decoded[i] for i in rows]

@@ -107,6 +107,20 @@ def build_view(view: str, size: int, hflip: bool) -> View:
     return View(size, [T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), *flip])
 
 
+def decode_all(images) -> tuple[dict[int, Image.Image], list[str]]:
+    """({row: image} for the rows that decode, per-row reason: "" for good rows, the error for bad ones)."""
+    decoded: dict[int, Image.Image] = {}
+    errors = []
+    for i, data in enumerate(images):
+        try:
+            decoded[i] = decode_image(data)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad record, reported by reason
+            errors.append(f"{type(e).__name__}: {e}"[:200])
+            continue
+        errors.append("")
+    return decoded, errors
+
+
 class Decoder:
     """Batch function for `map_batches`: replaces the `image` bytes column by float32 (N, 3, S, S) views.
 
@@ -130,15 +144,7 @@ class Decoder:
         s = self.size
         out = np.zeros((len(images), 3, s, s), np.float32) if self.normalized else np.zeros((len(images), s, s, 3),
                                                                                             np.uint8)
-        errors = []
-        decoded: dict[int, Image.Image] = {}
-        for i, data in enumerate(images):
-            try:
-                decoded[i] = decode_image(data)
-            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad record, reported by reason
-                errors.append(f"{type(e).__name__}: {e}"[:200])
-                continue
-            errors.append("")
+        decoded, errors = decode_all(images)
         labeled = {i for i in decoded if self.labeled_view is not None and labels is not None and labels[i] >= 0}
         for view, rows in ((self.labeled_view, sorted(labeled)), (self.view, sorted(set(decoded) - labeled))):
             if rows:
