@@ -61,7 +61,7 @@ def run(cfg: Config) -> dict:
     from loft_dist.eval.evaluate import evaluate_round
     from loft_dist.eval.report import write_report
     from loft_dist.eval.tracking import Tracker
-    from loft_dist.runtime import init_ray, preflight
+    from loft_dist.runtime import check_fits, init_ray, preflight
 
     preflight(cfg)  # an unwritable run.storage_path or a missing weights file fails here, before Ray starts
     run_dir = Path(cfg.run_dir).resolve()  # workers and actors run in other directories
@@ -97,7 +97,8 @@ def run(cfg: Config) -> dict:
     log.info("data %s: %d classes, labeled %d, pool %d (of which OOD %d), test %d, ood_test %d", root, len(classes),
              info["rows"]["labeled"], info["rows"]["unlabeled"], info["ood_counts"]["unlabeled"], info["rows"]["test"],
              info["rows"].get("ood_test", 0))
-    init_ray(cfg.run, use_gpu=cfg.train.use_gpu or cfg.scoring.gpus_per_actor > 0)
+    started = init_ray(cfg.run, use_gpu=cfg.train.use_gpu or cfg.scoring.gpus_per_actor > 0)
+    check_fits(cfg, train=R > 0, strict=started)
 
     def rdir(r: int) -> Path:
         return run_dir / "rounds" / f"r{r}"

@@ -38,16 +38,20 @@ def check_writable(directory: str, key: str) -> None:
                           f"{key} to a writable directory (on a cluster: the shared volume every node mounts)") from e
 
 
-def init_ray(run_cfg, use_gpu: bool = False) -> None:
-    """Join the cluster named by run.ray_address / RAY_ADDRESS, or start a local Ray sized for this machine."""
+def init_ray(run_cfg, use_gpu: bool = False) -> bool:
+    """Join the cluster named by run.ray_address / RAY_ADDRESS, or start a local Ray sized for this machine.
+
+    True when this call started a local Ray (which cannot grow: an ask it cannot hold is an error, not a wait)."""
     import ray
 
     # Tracking settings reach the train workers too (rank 0 logs epoch curves), also on a remote cluster.
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if k in os.environ}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its CPU accelerator and gloo inside train workers
+    started = False
     if not ray.is_initialized():
         address = run_cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        started = not address
         if address:
             ray.init(address=address, runtime_env={"env_vars": env})
         else:
@@ -55,6 +59,50 @@ def init_ray(run_cfg, use_gpu: bool = False) -> None:
                      include_dashboard=False, dashboard_host="127.0.0.1", runtime_env={"env_vars": env})
     configure_ray_data()
     log.info("Ray resources: %s", ray.cluster_resources())
+    return started
+
+
+def check_fits(cfg, *, train: bool, strict: bool) -> None:
+    """The scoring pool's first actors and (with `train`) the train workers, each beside one Ray Data decode task,
+    must fit in the cluster, or Ray waits for them forever without an error (ENVIRONMENT's 2-core hang trap).
+
+    strict (a local Ray, which cannot grow): a ConfigError naming the keys to change. Otherwise a warning: an
+    autoscaling cluster adds the nodes for an ask no running node can hold."""
+    import ray
+
+    from loft_dist.config import ConfigError
+
+    s, t = cfg.scoring, cfg.train
+    asks = [("scoring", s.min_actors, "actor", "scoring.min_actors", "scoring.cpus_per_actor",
+             {"CPU": s.cpus_per_actor, "GPU": s.gpus_per_actor, **s.custom_resources},
+             s.cpus_per_data_task, "scoring.cpus_per_data_task")]
+    if train:
+        asks.append(("training", t.num_workers, "worker", "train.num_workers", "train.cpus_per_worker",
+                     {"CPU": t.cpus_per_worker, "GPU": float(t.use_gpu), **t.custom_resources},
+                     t.cpus_per_data_task, "train.cpus_per_data_task"))
+    have = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problems = []
+    for phase, n, unit, n_key, cpu_key, each, data_cpus, data_key in asks:
+        each = {k: float(v) for k, v in each.items() if v}
+        total = {k: n * v for k, v in each.items()}
+        total["CPU"] = total.get("CPU", 0.0) + data_cpus
+        for k, v in total.items():
+            if v > have.get(k, 0.0) + 1e-6:
+                split = (f"{n} x {each.get('CPU', 0):g} ({n_key} x {cpu_key}) + {data_cpus:g} ({data_key})"
+                         if k == "CPU" else f"{n} x {each[k]:g}")
+                problems.append(f"{phase} asks for {v:g} {k} = {split}, but the cluster has {have.get(k, 0.0):g}")
+        if not any(all(node.get(k, 0.0) >= v - 1e-6 for k, v in each.items()) for node in nodes):
+            problems.append(f"no node can hold one {phase} {unit} ({each}); nodes offer "
+                            f"{[{k: v for k, v in node.items() if k in each} for node in nodes]}")
+    if not problems:
+        return
+    fix = (f"lower {', '.join(a[3] for a in asks)} or the per-{'/'.join(a[2] for a in asks)} resources, "
+           f"or give Ray more (run.num_cpus for a local Ray; more or larger nodes on a cluster)")
+    msg = "; ".join(problems) + f": Ray would wait for it forever. Fix: {fix}"
+    if strict:
+        raise ConfigError(msg)
+    log.warning("%s (unless the cluster's autoscaler adds nodes for it)", msg)
 
 
 def configure_ray_data() -> None:

@@ -288,6 +288,27 @@ def test_cli_fails_before_ray_starts(case, tmp_path):
     assert not list(tmp_path.rglob("dataset.json")), "data was prepared before the check"
 
 
+def test_asks_that_cannot_fit_in_ray_are_refused_not_waited_for(ray_session, caplog):
+    """The 2-core hang trap: workers or actors that take every CPU leave none for Ray Data's decode tasks, and
+    Ray waits forever. A local Ray (strict) refuses with the numbers and keys; a joined cluster only warns."""
+    from loft_dist.runtime import check_fits
+
+    check_fits(load_config(TINY, []), train=True, strict=True)  # the defaults fit the session's 4 CPUs
+    cfg = load_config(TINY, ["train.num_workers=4", "train.cpus_per_worker=1"])
+    check_fits(cfg, train=False, strict=True)  # scoring alone fits: training is not asked for
+    with pytest.raises(ConfigError) as e:
+        check_fits(cfg, train=True, strict=True)
+    assert str(e.value).startswith("training asks for 4.5 CPU = 4 x 1 (train.num_workers x train.cpus_per_worker) "
+                                   "+ 0.5 (train.cpus_per_data_task), but the cluster has 4: Ray would wait for it "
+                                   "forever. Fix: lower scoring.min_actors, train.num_workers"), str(e.value)
+    pinned = load_config(TINY, ["scoring.custom_resources={scorer: 0.5}"])
+    with pytest.raises(ConfigError, match=r"scoring asks for 0.5 scorer = 1 x 0.5, but the cluster has 0; "
+                                          r"no node can hold one scoring actor"):
+        check_fits(pinned, train=False, strict=True)
+    check_fits(pinned, train=False, strict=False)
+    assert "unless the cluster's autoscaler adds nodes for it" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # End to end: a shard with bad images through the scoring job (Ray Data + the actor pool) and the quarantine
 

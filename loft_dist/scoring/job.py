@@ -185,7 +185,7 @@ def _stage_image_folder(folder: Path, staging: Path, rows_per_shard: int) -> lis
 
 def run_score_job(cfg) -> int:
     """`loft-dist score`: pseudo-label an arbitrary pool with a checkpoint; resumable chunk by chunk."""
-    from loft_dist.runtime import init_ray
+    from loft_dist.runtime import check_fits, init_ray
 
     s = cfg.scoring
     if not s.input or not s.output:
@@ -202,7 +202,7 @@ def run_score_job(cfg) -> int:
     else:
         raise FileNotFoundError(f"scoring.input={s.input} does not exist")
     class_names = _class_names(cfg, s.checkpoint)
-    init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0)
+    check_fits(cfg, train=False, strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
     return score_shards(cfg, paths, str(Path(s.output).resolve()), class_names=class_names,
                         mode="teacher" if s.checkpoint else "zero_shot",
                         checkpoint=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, label="pool")
