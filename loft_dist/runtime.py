@@ -71,6 +71,7 @@ def check_fits(cfg, *, train: bool, strict: bool) -> None:
     import ray
 
     from loft_dist.config import ConfigError
+    from loft_dist.train.trainer import worker_resources
 
     s, t = cfg.scoring, cfg.train
     asks = [("scoring", s.min_actors, "actor", "scoring.min_actors", "scoring.cpus_per_actor",
@@ -78,7 +79,7 @@ def check_fits(cfg, *, train: bool, strict: bool) -> None:
              s.cpus_per_data_task, "scoring.cpus_per_data_task")]
     if train:
         asks.append(("training", t.num_workers, "worker", "train.num_workers", "train.cpus_per_worker",
-                     {"CPU": t.cpus_per_worker, "GPU": float(t.use_gpu), **t.custom_resources},
+                     worker_resources(t),
                      t.cpus_per_data_task, "train.cpus_per_data_task"))
     have = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]

@@ -12,6 +12,14 @@ from loft_dist.train.deepspeed_config import grad_accum_steps
 log = logging.getLogger(__name__)
 
 
+def worker_resources(t) -> dict:
+    """One Ray Train worker's resources: what fit_round asks for and runtime.check_fits checks against the cluster."""
+    resources = {"CPU": t.cpus_per_worker, **t.custom_resources}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    return resources
+
+
 def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init_checkpoint: str | None,
               round_idx: int, storage_path: str, out_dir: str, tracking_dir: str | None = None) -> dict:
     """Train one round on `train_ds` with Ray Train workers running DeepSpeed; copy the last checkpoint to out_dir."""
@@ -21,9 +29,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
     from loft_dist.train.loop import train_loop_per_worker
 
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **t.custom_resources}
-    if t.use_gpu:
-        resources["GPU"] = 1
+    resources = worker_resources(t)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
