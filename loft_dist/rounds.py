@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from loft_dist.config import Config, ConfigError, to_yaml
+from loft_dist.config import Config, ConfigError, to_dict, to_yaml
 from loft_dist.data.store import read_dataset_info, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ def run(cfg: Config) -> dict:
                  *(_fmt(g[k]["accuracy"]) for k in ("many", "medium", "few")), m["test"]["balanced_accuracy"])
 
     tracker = Tracker(run_dir)  # TensorBoard (and MLflow when configured) beside the run's files
+    tracker.log_params(to_dict(cfg), resumable=RESUMABLE_KEYS)
     try:
         phase("r0.score", lambda: score_pool(0))
         phase("r0.eval", lambda: evaluate(0))

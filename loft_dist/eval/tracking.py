@@ -5,6 +5,10 @@ well when `mlflow` is importable and MLFLOW_TRACKING_URI is set; the MLflow run 
 <run dir>/mlflow_run.json so that a resumed run and the train workers log into the same MLflow run.
 Tracking is a side channel: a missing package or an unreachable server costs one warning, never the run.
 
+Params: the driver logs the run's resolved config once per start (`run.seed`, `train.lr`, … as strings);
+environment variables are never logged. A resumed run keeps the params of its first start: MLflow refuses
+to change a logged param, and only where-it-runs keys (rounds.RESUMABLE_KEYS) may change on resumption.
+
 Tags: a round's metrics under their own path (`test/accuracy`, `pseudo_labels/precision`, step = round);
 a training epoch's under `epoch/` (`epoch/loss`, step = global epoch over all rounds).
 """
@@ -21,6 +25,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 TB_DIR = "tensorboard"
 MLFLOW_FILE = "mlflow_run.json"
+MAX_PARAMS_PER_BATCH = 100  # MLflow's per-request limits (mlflow.utils.validation)
+MAX_PARAM_LENGTH = 6000
+TRUNCATED = "...(truncated)"
 _warned: set[str] = set()  # one warning per cause per process, however many Trackers a run creates
 
 
@@ -40,6 +47,19 @@ def flatten_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
             out.update(flatten_scalars(value, name + "/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
+    return out
+
+
+def flatten_params(config: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config → {"section.key": str(value)}; a value over MLflow's length limit is cut and says so."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_params(value, name + "."))
+        else:
+            text = str(value)
+            out[name] = text if len(text) <= MAX_PARAM_LENGTH else text[:MAX_PARAM_LENGTH - len(TRUNCATED)] + TRUNCATED
     return out
 
 
@@ -81,8 +101,12 @@ class Tracker:
             state.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": exp_id}))
             return client, run.info.run_id
         except Exception as e:  # noqa: BLE001 - any tracking-server failure
-            _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
+            self._disable(e)
             return None
+
+    def _disable(self, e: Exception) -> None:
+        _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
+        self._mlflow = None
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
         if self._tb is not None:
@@ -99,8 +123,33 @@ class Tracker:
                 for i in range(0, len(items), 1000):  # MLflow's per-request limit on metrics
                     client.log_batch(run_id, metrics=items[i:i + 1000])
             except Exception as e:  # noqa: BLE001
-                _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
-                self._mlflow = None
+                self._disable(e)
+
+    def log_params(self, config: dict, resumable: tuple[str, ...] = ()) -> dict[str, str]:
+        """The run's resolved config (nested dict) as MLflow params; returns the params sent.
+
+        Params already in the MLflow run (a resumed run) are not sent again: MLflow refuses a changed value.
+        A changed `resumable` key keeps its first start's value silently; any other change means the run
+        dir's config guard was bypassed, which is worth a warning, not the run."""
+        if self._mlflow is None:
+            return {}
+        from mlflow.entities import Param
+
+        client, run_id = self._mlflow
+        try:
+            logged = client.get_run(run_id).data.params
+            params = flatten_params(config)
+            changed = sorted(k for k in params.keys() & logged.keys() if k not in resumable and params[k] != logged[k])
+            if changed:
+                _warn_once("mlflow-params", "MLflow keeps the first start's params of %s: %s", run_id, changed)
+            new = {k: v for k, v in params.items() if k not in logged}
+            items = [Param(k, v) for k, v in new.items()]
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            return new
+        except Exception as e:  # noqa: BLE001
+            self._disable(e)
+            return {}
 
     def log_round(self, round_idx: int, metrics: dict) -> dict[str, float]:
         """A round's metrics.json (nested) at step = round; returns the scalars logged."""
@@ -125,5 +174,5 @@ class Tracker:
             try:
                 client.set_terminated(run_id, "FINISHED")
             except Exception as e:  # noqa: BLE001
-                _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
+                self._disable(e)
         self._mlflow = None
