@@ -1,0 +1,305 @@
+"""Pseudo-labels that are proven: the actor-pool scoring table holds, row by row, what the method's model computes
+in-process on the same images, and the next round's training stream carries exactly the table's accepted labels.
+
+The reference is written out here, independently of `Scorer.__call__` and `pseudo_label_decision`: the model from
+`load_model`, `inference_logits`, the scoring view from `loft_dist.data.transforms`, a softmax with the
+temperature, and the SPEC decision bands. Thresholds are cut from the observed MSP distribution (in gaps between
+the values, so that thread-count rounding cannot move a row across one) such that every decision kind — hard,
+soft, rejected and ood — occurs; the tests assert each does, so none can pass on an empty band.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from loft_dist.algorithms import inference_logits, load_model, save_model
+from loft_dist.algorithms.loft import HARD, LABELED, SOFT
+from loft_dist.config import load_config
+from loft_dist.data.prepare import prepare_dataset
+from loft_dist.data.pseudo_labels import training_dataset
+from loft_dist.data.store import read_dataset_info, shard_paths
+from loft_dist.data.transforms import decode_batch, normalize
+from loft_dist.scoring.job import score_split
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+PROB_TOL = 1e-5  # actor (1 torch thread) vs this process: float32 rounding only (seen: < 1e-6)
+MARGIN = 5e-5  # no reference MSP / top-k boundary lies this close to a threshold / its neighbour
+TOPK = 3  # the teacher table keeps the renormalised top-3 of the 10 digit classes
+DECISION_KINDS = {"hard", "soft", "rejected", "ood"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The in-process reference
+
+
+def _overrides(root: Path, *extra: str) -> list[str]:
+    return [f"data.root={root / 'data'}", "data.ood_test=0", f"run.storage_path={root / 'runs'}",
+            "scoring.batch_size=64", "scoring.shards_per_chunk=1",  # several batches and two chunks per job
+            "train.labeled_view=clean", "train.unlabeled_view=clean",  # deterministic images in the stream
+            *extra]
+
+
+def _read_split(root: str, split: str, columns: list[str]) -> dict[str, np.ndarray]:
+    t = pq.read_table(shard_paths(root, split), columns=columns)
+    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+def _softmax(logits: torch.Tensor, temperature: float) -> np.ndarray:
+    return torch.softmax(logits.double() / temperature, dim=-1).numpy()
+
+
+def _logits(cfg, model, x: torch.Tensor, purpose: str) -> torch.Tensor:
+    with torch.inference_mode():
+        return inference_logits(cfg.algorithm, model, x, purpose).float()
+
+
+def _spec_decision(probs: np.ndarray, zs_msp: np.ndarray, a) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """SPEC A.2 step 4 + LoFT-OW stage 1, as stated: (pred, msp, decision, weight)."""
+    q, pred = probs.max(axis=1), probs.argmax(axis=1)
+    decision = np.where(q >= a.c_hard, "hard", np.where(q > a.c_ood, "soft", "rejected")).astype(object)
+    if a.zs_filter:
+        ood = zs_msp < a.zs_threshold if a.zs_keep == "above" else zs_msp >= a.zs_threshold
+        decision[ood] = "ood"
+    weight = np.zeros(len(q))
+    weight[decision == "hard"] = 1.0
+    soft = decision == "soft"
+    weight[soft] = q[soft] if a.soft_weight == "msp" else 1.0
+    return pred, q, decision.astype(str), weight
+
+
+def _cut(values: np.ndarray, quantile: float) -> float:
+    """A threshold near `quantile` of `values`, in the middle of the widest gap around it (at least 2 MARGIN)."""
+    v = np.unique(values)
+    i = int(quantile * (len(v) - 1))
+    lo, hi = max(1, i - len(v) // 8), min(len(v) - 1, i + len(v) // 8)
+    gaps = v[lo:hi + 1] - v[lo - 1:hi]
+    j = lo + int(np.argmax(gaps))
+    assert gaps.max() > 2 * MARGIN, f"no gap of {2 * MARGIN} in the MSPs near quantile {quantile}"
+    return float((v[j - 1] + v[j]) / 2)
+
+
+def _assert_well_separated(probs: np.ndarray, k: int) -> None:
+    """argmax and the top-k set cannot flip under float rounding: the reference's own ties are far apart."""
+    s = -np.sort(-probs, axis=1)
+    assert (s[:, 0] - s[:, 1]).min() > MARGIN, "a near-tie for the top class: pick another perturbation seed"
+    if k and k < probs.shape[1]:
+        assert (s[:, k - 1] - s[:, k]).min() > MARGIN, "a near-tie at the top-k boundary"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Prepared tiny data, the pool decoded with the scoring view, and a trained-looking teacher checkpoint."""
+    root = tmp_path_factory.mktemp("pl_values")
+    cfg = load_config(None, _overrides(root))
+    prepare_dataset(cfg)
+    classes = read_dataset_info(cfg.data_root)["class_names"]
+
+    pool = _read_split(cfg.data_root, "unlabeled", ["id", "image", "true_label"])
+    order = np.argsort(pool["id"])
+    pool = {k: v[order] for k, v in pool.items()}
+    # The scoring job's decode: the scoring view as uint8 pixels, normalised by the consumer.
+    decoded = decode_batch(dict(pool), view=cfg.scoring.view, image_size=cfg.data.image_size, normalized=False)
+    assert (decoded["error"] == "").all(), "the embedded pool should decode entirely"
+    x = normalize(decoded["image"])
+
+    # A teacher that is not the text-prototype init: adapter + head moved by a fixed-seed perturbation.
+    model = load_model(cfg, classes, None)
+    g = torch.Generator().manual_seed(3)  # a seed whose top-1 / top-3 boundaries are >= 1.8e-4 apart
+    with torch.no_grad():
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert any("lora" in n for n, _ in trainable) and any(n.startswith("head") for n, _ in trainable)
+        for _, p in trainable:
+            scale = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 1.0
+            p.add_(0.5 * scale * torch.randn(p.shape, generator=g))
+    ckpt = root / "teacher_ckpt"
+    save_model(model, ckpt, {"epoch": 0, "class_names": classes})
+    teacher = load_model(cfg, classes, str(ckpt))  # what an actor loads
+    xt = torch.from_numpy(x)
+    perturbed = _logits(cfg, model.eval(), xt, "pseudo_label")
+    loaded = _logits(cfg, teacher, xt, "pseudo_label")
+    torch.testing.assert_close(loaded, perturbed)  # the checkpoint round-trips the perturbed weights
+    preds = loaded.argmax(-1)
+    assert len(preds.unique()) >= 4, "the teacher should not be trivial"
+    return {"root": root, "classes": classes, "pool": pool, "x": xt, "ckpt": str(ckpt), "teacher": teacher,
+            "init": load_model(cfg, classes, None)}
+
+
+def _read_table(table: Path) -> dict[str, np.ndarray]:
+    assert (table / "_SUCCESS").is_file()
+    t = pq.read_table(sorted(glob.glob(os.path.join(table, "*.parquet"))))
+    out = {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
+    for c in ("probs", "probs_idx"):
+        if c in out:
+            out[c] = np.stack(out[c])
+    order = np.argsort(out["id"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def _assert_table_is_reference(tab: dict, pool: dict, ref_probs: np.ndarray, zs_msp: np.ndarray, a, topk: int):
+    """Row by row, joined on id: the scored table equals the in-process reference."""
+    np.testing.assert_array_equal(tab["id"], pool["id"])  # exactly one row per pool image, same ids
+    pred, msp, decision, weight = _spec_decision(ref_probs, zs_msp, a)
+    np.testing.assert_array_equal(tab["error"], "")
+    np.testing.assert_array_equal(tab["true_label"], pool["true_label"])
+    np.testing.assert_array_equal(tab["pred"], pred, err_msg="pred differs from the teacher's argmax")
+    np.testing.assert_allclose(tab["msp"], msp, atol=PROB_TOL, rtol=0, err_msg="msp")
+    np.testing.assert_allclose(tab["zs_msp"], zs_msp, atol=PROB_TOL, rtol=0, err_msg="zs_msp")
+    np.testing.assert_array_equal(tab["decision"], decision, err_msg="decision differs from the SPEC bands")
+    np.testing.assert_allclose(tab["weight"], weight, atol=PROB_TOL, rtol=0, err_msg="weight")
+    C = ref_probs.shape[1]
+    if topk and topk < C:
+        ref_idx = np.argsort(-ref_probs, axis=1)[:, :topk]
+        top = np.take_along_axis(ref_probs, ref_idx, axis=1)
+        assert tab["probs"].shape == tab["probs_idx"].shape == (len(pool["id"]), topk)
+        np.testing.assert_array_equal(np.sort(tab["probs_idx"], axis=1), np.sort(ref_idx, axis=1))
+        np.testing.assert_allclose(_scatter(tab["probs"], tab["probs_idx"], C),
+                                   _scatter(top / top.sum(axis=1, keepdims=True), ref_idx, C), atol=PROB_TOL, rtol=0,
+                                   err_msg="renormalised top-k probs")
+    else:
+        assert "probs_idx" not in tab
+        np.testing.assert_allclose(tab["probs"], ref_probs, atol=PROB_TOL, rtol=0, err_msg="probs")
+    got = set(tab["decision"].tolist())
+    assert got == DECISION_KINDS, f"every decision kind must occur (else a band is untested): {got}"
+
+
+def _scatter(p: np.ndarray, idx: np.ndarray, C: int) -> np.ndarray:
+    full = np.zeros((len(p), C), np.float64)
+    np.put_along_axis(full, idx.astype(np.int64), p, axis=1)
+    return full
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tables the actor-pool jobs write
+
+
+@pytest.fixture(scope="module")
+def zero_shot_table(world, ray_session):
+    """Round 0: zero-shot scores of the initial model, LoFT-OW thresholds cut from the zero-shot MSPs."""
+    root, pool = world["root"], world["pool"]
+    cfg0 = load_config(None, _overrides(root))
+    ref = _softmax(_logits(cfg0, world["init"], world["x"], "zero_shot"), 1.0)
+    _assert_well_separated(ref, 0)
+    q = ref.max(axis=1)
+    # zs_msp = msp here: ood (q < zs_threshold) < rejected (<= c_ood) < soft < hard (>= c_hard).
+    zs_thr, c_ood, c_hard = _cut(q, 0.2), _cut(q, 0.45), _cut(q, 0.75)
+    cfg = load_config(None, _overrides(root, "algorithm.name=loft_ow", f"algorithm.zs_threshold={zs_thr}",
+                                       f"algorithm.c_ood={c_ood}", f"algorithm.c_hard={c_hard}",
+                                       "scoring.probs_topk=0"))
+    table = root / "r0_table"
+    assert score_split(cfg, cfg.data_root, "unlabeled", str(table), class_names=world["classes"],
+                       mode="zero_shot") == len(pool["id"])
+    return {"cfg": cfg, "table": table, "ref": ref, "zs_msp": q}
+
+
+@pytest.fixture(scope="module")
+def teacher_table(world, zero_shot_table):
+    """Round r: the perturbed checkpoint as teacher (T = 0.7, soft weight = MSP, top-3 probs), stage 1 from round 0."""
+    root, pool = world["root"], world["pool"]
+    T = 0.7
+    ref = _softmax(_logits(zero_shot_table["cfg"], world["teacher"], world["x"], "pseudo_label"), T)
+    _assert_well_separated(ref, TOPK)
+    zs = zero_shot_table["zs_msp"]
+    zs_thr = _cut(zs, 0.3)
+    q = ref.max(axis=1)[zs >= zs_thr]  # bands cut among the rows stage 1 keeps
+    c_ood, c_hard = _cut(q, 0.3), _cut(q, 0.7)
+    cfg = load_config(None, _overrides(root, "algorithm.name=loft_ow", f"algorithm.zs_threshold={zs_thr}",
+                                       f"algorithm.c_ood={c_ood}", f"algorithm.c_hard={c_hard}",
+                                       f"algorithm.temperature={T}", "algorithm.soft_weight=msp",
+                                       f"scoring.probs_topk={TOPK}", "scoring.min_actors=2", "scoring.max_actors=2"))
+    table = root / "r1_table"
+    assert score_split(cfg, cfg.data_root, "unlabeled", str(table), class_names=world["classes"], mode="teacher",
+                       checkpoint=world["ckpt"], zs_table=str(zero_shot_table["table"])) == len(pool["id"])
+    return {"cfg": cfg, "table": table, "ref": ref, "zs_msp": zs}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. The table is the model's output
+
+
+def test_zero_shot_table_equals_in_process_zero_shot_scores(world, zero_shot_table):
+    z = zero_shot_table
+    tab = _read_table(z["table"])
+    _assert_table_is_reference(tab, world["pool"], z["ref"], z["zs_msp"], z["cfg"].algorithm, topk=0)
+    np.testing.assert_allclose(tab["zs_msp"], tab["msp"], atol=0, rtol=0)  # round 0: the zero-shot MSP is the MSP
+
+
+def test_teacher_table_equals_in_process_teacher_scores(world, teacher_table):
+    t = teacher_table
+    tab = _read_table(t["table"])
+    _assert_table_is_reference(tab, world["pool"], t["ref"], t["zs_msp"], t["cfg"].algorithm, topk=TOPK)
+    soft = tab["decision"] == "soft"
+    assert (tab["weight"][soft] < 1).all()  # soft_weight=msp really weighs the soft band by q, not 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The next round trains on exactly the table's accepted labels
+
+
+def _collect(ds) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {}
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+@pytest.mark.parametrize("which", ["zero_shot_table", "teacher_table"], ids=["full_probs", f"top{TOPK}_probs"])
+def test_training_stream_carries_exactly_the_accepted_pseudo_labels(which, world, request):
+    scored = request.getfixturevalue(which)
+    cfg, classes = scored["cfg"], world["classes"]
+    C = len(classes)
+    tab = _read_table(scored["table"])
+    topk = "probs_idx" in tab
+    assert topk == (which == "teacher_table")
+    ds, n_accepted = training_dataset(cfg.data_root, cfg, C, str(scored["table"]))
+    got = _collect(ds)
+
+    accepted = np.isin(tab["decision"], ["hard", "soft"])
+    refused = tab["id"][~accepted]
+    assert n_accepted == accepted.sum() > 0 and len(refused) > 0
+    assert {"rejected", "ood"} <= set(tab["decision"][~accepted].tolist())
+
+    # Labeled rows: their own label, code LABELED, weight 1, no soft target.
+    lab = _read_split(cfg.data_root, "labeled", ["id", "label", "image"])
+    is_lab = got["code"] == LABELED
+    lid = got["id"][is_lab]
+    assert len(lid) == len(set(lid.tolist())) == len(lab["id"]) and set(lid.tolist()) == set(lab["id"].tolist())
+    want_label = dict(zip(lab["id"].tolist(), lab["label"].tolist()))
+    np.testing.assert_array_equal(got["target"][is_lab], [want_label[i] for i in lid.tolist()])
+    np.testing.assert_array_equal(got["weight"][is_lab], 1.0)
+    np.testing.assert_array_equal(got["soft"][is_lab], 0.0)
+
+    # Pool rows: every accepted id exactly once, no refused id, and the table row's own values.
+    pid, p = got["id"][~is_lab], {k: v[~is_lab] for k, v in got.items()}
+    assert len(pid) == len(set(pid.tolist())), "an accepted id appears twice in the stream"
+    assert not set(pid.tolist()) & set(refused.tolist()), "a rejected / ood row is in the training stream"
+    assert set(pid.tolist()) == set(tab["id"][accepted].tolist()), "an accepted id is missing from the stream"
+    order = np.argsort(pid)
+    p = {k: v[order] for k, v in p.items()}
+    row = np.searchsorted(tab["id"], p["id"])
+    np.testing.assert_array_equal(tab["id"][row], p["id"])
+    np.testing.assert_array_equal(p["target"], tab["pred"][row], err_msg="stream target != the table's pred")
+    np.testing.assert_allclose(p["weight"], tab["weight"][row], atol=0, rtol=0, err_msg="stream weight")
+    want_code = np.where(tab["decision"][row] == "hard", HARD, SOFT)
+    np.testing.assert_array_equal(p["code"], want_code, err_msg="stream code != the table's decision")
+    want_soft = (_scatter(tab["probs"][row], tab["probs_idx"][row], C) if topk else tab["probs"][row])
+    assert p["soft"].shape == (len(pid), C)
+    np.testing.assert_allclose(p["soft"], want_soft, atol=1e-7, rtol=0, err_msg="stream soft target")
+    np.testing.assert_allclose(p["soft"].sum(axis=1), 1.0, atol=1e-5)
+    # The image travels with its id: the (clean) view of that id's own bytes.
+    pool = world["pool"]
+    at = np.searchsorted(pool["id"], p["id"])
+    np.testing.assert_allclose(p["image"], world["x"].numpy()[at], atol=1e-6, rtol=0, err_msg="pool image vs id")
+    lab_x = normalize(decode_batch({"image": lab["image"]}, view="clean", image_size=cfg.data.image_size,
+                                   normalized=False)["image"])
+    at = np.searchsorted(lab["id"], lid, sorter=np.argsort(lab["id"]))
+    np.testing.assert_allclose(got["image"][is_lab], lab_x[np.argsort(lab["id"])[at]], atol=1e-6, rtol=0,
+                               err_msg="labeled image vs id")
