@@ -313,6 +313,7 @@ def test_asks_that_cannot_fit_in_ray_are_refused_not_waited_for(ray_session, cap
 # End to end: a shard with bad images through the scoring job (Ray Data + the actor pool) and the quarantine
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_scored_shard_quarantines_exactly_the_bad_images(tmp_path, ray_session):
     from loft_dist.scoring.job import score_shards
 

@@ -3,6 +3,7 @@ with the run dir gone and without Ray."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,8 +141,26 @@ def test_default_round_is_the_last_completed(tmp_path, cfg):
     assert completed_rounds(run) == [1]
     assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 0
     assert json.loads((tmp_path / "e" / "export.json").read_text())["round"] == 1
-    # re-exporting into an earlier export replaces it
-    assert main(["export", str(run), "--round", "1", "--out", str(tmp_path / "e")]) == 0
+
+
+def test_re_exporting_into_an_earlier_export_replaces_it(tmp_path, cfg):
+    run = tmp_path / "exp"
+    make_run(run, cfg, {1: trained_like(cfg, 1), 2: trained_like(cfg, 2)})
+    out = tmp_path / "e"
+    assert main(["export", str(run), "--round", "1", "--out", str(out)]) == 0
+    (out / "stale.bin").write_bytes(b"left by the earlier export")
+    assert main(["export", str(run), "--round", "2", "--out", str(out)]) == 0
+    ckpt = run / "rounds" / "r2" / "checkpoint"
+    copied = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == \
+        sorted(copied + [Path("README.md"), Path("export.json")])  # nothing of the earlier export is left
+    for rel in copied:  # the weights are round 2's, which differ from round 1's
+        assert (out / rel).read_bytes() == (ckpt / rel).read_bytes(), rel
+    r1_head = run / "rounds" / "r1" / "checkpoint" / "head.safetensors"
+    assert (out / "head.safetensors").read_bytes() != r1_head.read_bytes()
+    assert json.loads((out / "export.json").read_text())["round"] == 2
+    assert "# loft_dist model — exp, round 2" in (out / "README.md").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left beside it
 
 
 def test_export_errors_name_the_problem(tmp_path, cfg, capsys):

@@ -11,7 +11,7 @@ import pytest
 from loft_dist.config import load_config
 from loft_dist.rounds import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 DATA = ["data.ood_test=0"]  # no OOD test split: one scoring job less per evaluation keeps the file within minutes
 CASES = [  # (algorithm.name, algorithm.mode)

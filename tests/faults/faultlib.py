@@ -1,8 +1,9 @@
-"""Helpers of the fault tests: configs on the shared prepared data, table ids, this session's Ray actors, and a
-watcher thread that kills a process at the right moment."""
+"""Helpers of the fault tests: configs on the shared prepared data, table ids, this session's Ray actors, a recording
+Scorer (which process held which batch), and a watcher thread that kills a process at the right moment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,6 +63,78 @@ def session_actors(class_part: str, state: str | None = "ALIVE") -> list[dict]:
 
 def sigkill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+
+
+class ScorerTrace:
+    """What `traced_scorer` recorded: one dict per `Scorer.__call__` (pid, n, mode, ids, started_at, done_at)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def batches(self) -> list[dict]:
+        out = {}
+        for f in sorted(self.dir.glob("*.started")):
+            b = json.loads(f.read_text())
+            done = f.with_suffix(".done")
+            b["done_at"] = json.loads(done.read_text())["t"] if done.is_file() else None
+            out[f.stem] = {**b, "started_at": b.pop("t")}
+        return sorted(out.values(), key=lambda b: b["started_at"])
+
+    def release(self) -> None:
+        """Let the held batches go on (they wait while trace_dir/hold exists)."""
+        (self.dir / "hold").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def traced_scorer(trace_dir: Path, hold: bool = False):
+    """Run the scoring job with a recording subclass of `Scorer` in its actors (test-only; production is unchanged).
+
+    Each batch writes `<pid>-<n>.started` (its ids, the actor's pid, the scorer mode) before scoring and
+    `<pid>-<n>.done` after, so a test can tell which process held which rows and which batches ran again. With
+    `hold`, every batch waits while trace_dir/hold exists (120 s at most), until `ScorerTrace.release()`: a test can
+    then kill an actor that provably holds a batch, or wait until two actors hold one each.
+
+    The class is defined here, in a function, so that cloudpickle ships it to the actors by value (a worker
+    cannot import the test modules); it replaces the `Scorer` that `loft_dist.scoring.job` hands to Ray Data.
+    An environment variable read by `Scorer` would not reach the actors: they inherit the environment of the
+    session's Ray, started once before the test."""
+    from loft_dist.scoring import job
+
+    base = job.Scorer
+    directory = str(trace_dir)
+
+    class TracingScorer(base):
+        def __call__(self, batch: dict):
+            self._traced = getattr(self, "_traced", 0) + 1
+            name = os.path.join(directory, f"{os.getpid()}-{self._traced:05d}")
+
+            def mark(event: str, record: dict) -> None:
+                with open(f"{name}.{event}.tmp", "w") as f:
+                    json.dump(record, f)
+                os.replace(f"{name}.{event}.tmp", f"{name}.{event}")  # whole files only: the test reads them live
+
+            mark("started", {"pid": os.getpid(), "n": self._traced, "mode": self.mode, "t": time.time(),
+                             "ids": [int(i) for i in batch["id"]]})
+            while True:  # the hold: at most 120 s after it was set, in all (not per batch)
+                try:
+                    if time.time() > os.path.getmtime(os.path.join(directory, "hold")) + 120:
+                        break
+                except FileNotFoundError:  # released
+                    break
+                time.sleep(0.02)
+            out = super().__call__(batch)
+            mark("done", {"t": time.time()})
+            return out
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    if hold:
+        (trace_dir / "hold").touch()
+    job.Scorer = TracingScorer
+    try:
+        yield ScorerTrace(trace_dir)
+    finally:
+        job.Scorer = base
+        (trace_dir / "hold").unlink(missing_ok=True)
 
 
 class Watcher(threading.Thread):

@@ -117,6 +117,7 @@ ray.shutdown()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_local_ray_dashboard_listens_on_localhost_only():
     """runtime.init_ray starting a local Ray: its dashboard (the job and state API; a full one when ray[default]
     is installed) binds 127.0.0.1, never an address other machines reach."""

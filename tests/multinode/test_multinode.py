@@ -18,7 +18,7 @@ import pytest
 
 from multinode_lib import FRACTIONS, PLACEMENT, TINY_ROUND, Driver
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 TRAIN_WORKER = "RayTrainWorker"
 SCORER = "MapBatches(Scorer)"  # Ray Data names the pool's actors MapWorker(MapBatches(Scorer))

@@ -22,7 +22,10 @@ from loft_dist.config import load_config
 from loft_dist.data.store import IMAGE_SCHEMA
 from loft_dist.scoring.job import run_score_job
 
-pytestmark = pytest.mark.slow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+from faultlib import Watcher, traced_scorer  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CLASSES = ["zero", "one", "two"]
 
 
@@ -61,7 +64,26 @@ def test_pool_of_50000_images_with_two_actors_writes_exactly_one_row_each(tmp_pa
     out = tmp_path / "scored"
     cfg = _cfg(tmp_path, tmp_path / "pool", out, "scoring.min_actors=2", "scoring.max_actors=2",
                "scoring.shards_per_chunk=8")
-    assert run_score_job(cfg) == 50_000
+    # Each actor's first batch waits until both actors hold one: on a slow machine the actor that starts first could
+    # otherwise score the whole pool before the second is up, and "two actors" would be a config value, not a fact.
+    with traced_scorer(tmp_path / "trace", hold=True) as trace:
+        def release_once_two_actors_hold_a_batch() -> bool:
+            if len({b["pid"] for b in trace.batches()}) < 2:
+                return False
+            trace.release()
+            return True
+
+        watcher = Watcher(release_once_two_actors_hold_a_batch, interval=0.05)
+        watcher.start()
+        try:
+            assert run_score_job(cfg) == 50_000
+        finally:
+            watcher.result()
+        batches = trace.batches()
+    rows_by_pid = {pid: sum(len(b["ids"]) for b in batches if b["pid"] == pid and b["done_at"] is not None)
+                   for pid in {b["pid"] for b in batches}}
+    assert len(rows_by_pid) == 2 and all(rows_by_pid.values()), f"rows scored per actor process: {rows_by_pid}"
+    assert {i for b in batches for i in b["ids"]} == set(ids)  # the trace saw every batch
     got = _ids(out)
     assert len(got) == len(set(got)) == 50_000 and sorted(got) == sorted(ids)
     assert json.loads((out / "_SUCCESS").read_text())["rows"] == 50_000
