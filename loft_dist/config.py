@@ -186,6 +186,10 @@ class TrainConfig:
     unlabeled_view: str = _choices("strong", "weak", "clean")  # the student's view of accepted pool rows
     cpus_per_data_task: float = 0.5  # Ray Data decode/augment tasks feeding the workers
     shuffle_buffer: int = 256  # rows of local shuffle in each worker's stream (0 = off)
+    # true: Ray Data hands every rank the same rows in the same order on every run (its split ignores locality),
+    # so a run with clean views and no shuffle buffer is reproducible, weights included; false streams blocks as
+    # they finish, which keeps the workers fed but lets rows change step (and rank) from run to run.
+    preserve_order: bool = False
     prefetch_batches: int = 1  # batches each worker's iterator formats ahead, in a thread beside the step
     placement_strategy: str = _choices("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
     custom_resources: dict = field(default_factory=dict)  # e.g. {trainer: 0.01}: pins workers to trainer nodes

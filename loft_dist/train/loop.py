@@ -11,6 +11,7 @@ modes; the pool stream cycles across epochs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -88,6 +89,46 @@ def online_batch(engine, acfg, labeled: dict, pool: dict, device, in_dtype):
     return _rows(out, student), code, target, weight, soft
 
 
+def flat_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors inside a nested state dict (an optimizer's: torch's, or a ZeRO wrapper's), by their path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {path: t for key, value in items
+            for path, t in flat_tensors(value, f"{prefix}/{key}" if prefix else str(key)).items()}
+
+
+def tensor_digests(tensors: dict) -> dict[str, str]:
+    """sha256 of each tensor's dtype, shape and bytes, by name: what "restored bitwise" is checked against."""
+    out = {}
+    for name, t in sorted(tensors.items(), key=lambda kv: str(kv[0])):
+        t = t.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        out[str(name)] = h.hexdigest()
+    return out
+
+
+def restore(checkpoint, engine, optimizer, params) -> tuple[int, dict, dict]:
+    """Load a reported checkpoint into the engine; returns (next epoch, the round's loss curves so far, a record).
+
+    The record (epoch, optimizer lr, digests of every trainable tensor and optimizer-state tensor as they are
+    after the load) goes into the next checkpoint's train_state.json, so a resume can be checked against the
+    checkpoint it came from, tensor by tensor, not only by the epoch numbers that follow it.
+    """
+    import deepspeed
+
+    with checkpoint.as_directory() as d:
+        engine.load_checkpoint(str(Path(d) / DS_DIR), load_module_strict=False)
+        saved = json.loads((Path(d) / STATE_FILE).read_text())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+        record = {"epoch": saved["epoch"], "lr": [g["lr"] for g in optimizer.param_groups],
+                  "params": tensor_digests(trainable),
+                  "optimizer_state": tensor_digests(flat_tensors(optimizer.state_dict()))}
+    return saved["epoch"] + 1, saved.get("loss_by_epoch", {}), record
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     a = cfg.algorithm
@@ -118,12 +159,13 @@ def train_loop_per_worker(config: dict) -> None:
     prior = torch.tensor(config["prior"], dtype=torch.float32, device=device)
 
     # --- resume inside the round (Ray Train restarts failed workers from the last reported checkpoint)
-    start_epoch = 0
+    start_epoch, loss_by_epoch, restored = 0, {}, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(str(Path(d) / DS_DIR), load_module_strict=False)
-            start_epoch = json.loads((Path(d) / STATE_FILE).read_text())["epoch"] + 1
+        start_epoch, loss_by_epoch, restored = restore(checkpoint, engine, optimizer, params)
+        if rank == 0:
+            print(f"round {config['round_idx']}: resumed after epoch {restored['epoch']} from the last reported "
+                  f"checkpoint (adapter, head, optimizer state)", flush=True)
 
     online = a.mode == "online"
     shard = ray.train.get_dataset_shard("train")
@@ -167,8 +209,10 @@ def train_loop_per_worker(config: dict) -> None:
         dist.all_reduce(totals)
         t = dict(zip(keys, totals.tolist()))
         steps = max(t.get("steps", 0.0), 1.0)
-        metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
-                   **{k: v / steps for k, v in t.items() if k.startswith("loss")},
+        losses = {k: v / steps for k, v in t.items() if k.startswith("loss")}
+        for k, v in losses.items():  # every loss part's curve over the round's epochs: what "it learns" is read from
+            loss_by_epoch.setdefault(k, []).append(v)
+        metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr, **losses, "loss_by_epoch": loss_by_epoch,
                    "steps_all_ranks": int(t.get("steps", 0)), "ignored_rows": int(t.get("ignored_rows", 0)),
                    "step_time_s": t.get("compute_s", 0.0) / steps, "data_wait_s": t.get("data_wait_s", 0.0) / steps,
                    "worker_nodes": worker_nodes}
@@ -181,7 +225,9 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state", exclude_frozen_parameters=True)
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if rank == 0:
-                    save_model(model, tmp, {"epoch": epoch, "class_names": config["class_names"], **metrics})
+                    state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
+                    save_model(model, tmp, {**state, "restored": restored} if restored else state)
+            restored = None  # only the first checkpoint after a resume carries the record
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if tracker is not None:
             tracker.log_epoch(config["round_idx"], offset + epoch, metrics)

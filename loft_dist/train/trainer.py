@@ -23,13 +23,15 @@ def worker_resources(t) -> dict:
 def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init_checkpoint: str | None,
               round_idx: int, storage_path: str, out_dir: str, tracking_dir: str | None = None) -> dict:
     """Train one round on `train_ds` with Ray Train workers running DeepSpeed; copy the last checkpoint to out_dir."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from loft_dist.train.loop import train_loop_per_worker
 
     t = cfg.train
     resources = worker_resources(t)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = ingest.preserve_order or t.preserve_order
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -46,6 +48,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
         ),
         datasets=train_ds if isinstance(train_ds, dict) else {"train": train_ds},  # online: {"train", "pool"}
+        dataset_config=DataConfig(execution_options=ingest),
     )
     log.info("round %d train: %d Ray Train workers x %s, DeepSpeed ZeRO stage %d, %s, micro batch %d x accum %d "
              "→ global batch %d", round_idx, t.num_workers, resources, t.zero_stage, t.precision,

@@ -1,7 +1,8 @@
 """SIGKILL the driver (`loft-dist run` on a `ray start` cluster) mid-round, twice, and run the same command again:
 killed while scoring the pool (a chunk committed), then while training (one checkpoint reported). Each rerun
 resumes after the last completed phase ("resuming after …"), keeps the committed scoring chunk, continues
-training from Ray Train's last checkpoint in the run dir, and the final tables hold every id exactly once.
+training from Ray Train's last checkpoint in the run dir (its adapter, head and optimizer state restored exactly:
+resume_checks.check_restores), and the final tables hold every id exactly once.
 
 The cluster outlives its drivers, as on KubeRay: a dead driver's actors and workers are cleaned up by Ray, and
 the resubmission finds the run dir where the first one left it. The driver's environment carries a fake secret
@@ -22,8 +23,9 @@ import pytest
 
 from faultlib import DATA_OVERRIDES, TINY, completed, registered_epochs, split_ids, table_ids
 from local_ray_cluster import LocalRayCluster
+from resume_checks import check_restores
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 LOFT_DIST = str(Path(sys.executable).with_name("loft-dist"))
 EPOCHS = 3
 PHASES = ["prepare", "r0.score", "r0.eval", "r1.score", "r1.train", "r1.eval"]
@@ -109,6 +111,10 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
 
     # Training: continued from the last checkpoint the killed driver's run reported, each epoch once.
     assert registered_epochs(trial) == list(range(EPOCHS)), (epochs_before, registered_epochs(trial))
+    # ... and what the re-run's workers held right after loading it was that checkpoint, tensor by tensor.
+    # (the killed driver's controller may register one more epoch while Ray cleans it up: that one is the last)
+    (restored,) = check_restores(trial)
+    assert max(epochs_before) <= restored < EPOCHS - 1, (epochs_before, restored)
     assert json.loads((r1 / "checkpoint" / "train_state.json").read_text())["epoch"] == EPOCHS - 1
 
     # Evaluation: one prediction per test image; metrics and report written.
