@@ -1,4 +1,5 @@
-"""The check that a resumed round restored the checkpoint it came from (used by the fault and multi-node tests)."""
+"""The checkpoints Ray Train registered for a round, and the check that a resumed round restored the one it came from
+(used by the fault tests)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,27 @@ import json
 from pathlib import Path
 
 
+def _registered(trial: Path) -> list[dict]:
+    """Ray Train's checkpoint manager snapshot of a round's trial dir: its registered checkpoints, in report order.
+
+    Only these count: a checkpoint dir is written to storage by each rank as it reports, and registered once every
+    rank has; a worker killed in between leaves an unregistered dir behind, which a restore never uses.
+    """
+    try:
+        snapshot = json.loads((trial / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+        return []
+    return snapshot["checkpoint_results"]
+
+
+def registered_epochs(trial: Path) -> list[int]:
+    """Epochs of the checkpoints Ray Train registered, in report order."""
+    return [r["metrics"]["epoch"] for r in _registered(trial)]
+
+
 def registered_checkpoints(trial: Path) -> dict[int, Path]:
-    """Epoch → directory of each checkpoint Ray Train registered (see registered_epochs)."""
-    snapshot = json.loads((trial / "checkpoint_manager_snapshot.json").read_text())
-    return {r["metrics"]["epoch"]: trial / r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    """Epoch → directory of each checkpoint Ray Train registered."""
+    return {r["metrics"]["epoch"]: trial / r["checkpoint_dir_name"] for r in _registered(trial)}
 
 
 def check_restores(trial: Path) -> list[int]:

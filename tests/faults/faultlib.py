@@ -167,16 +167,3 @@ class Watcher(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.done
-
-
-def registered_epochs(trial: Path) -> list[int]:
-    """Epochs of the checkpoints Ray Train registered, in report order (its checkpoint manager's snapshot).
-
-    Only these count: a checkpoint dir is written to storage by each rank as it reports, and registered once every
-    rank has; a worker killed in between leaves an unregistered dir behind, which a restore never uses.
-    """
-    try:
-        snapshot = json.loads((trial / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
-        return []
-    return [r["metrics"]["epoch"] for r in snapshot["checkpoint_results"]]

@@ -21,9 +21,9 @@ from typing import Callable
 
 import pytest
 
-from faultlib import DATA_OVERRIDES, TINY, completed, registered_epochs, split_ids, table_ids
+from faultlib import DATA_OVERRIDES, TINY, completed, split_ids, table_ids
 from local_ray_cluster import LocalRayCluster
-from resume_checks import check_restores
+from resume_checks import check_restores, registered_epochs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 LOFT_DIST = str(Path(sys.executable).with_name("loft-dist"))

@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from faultlib import Watcher, fault_config, registered_epochs, session_actors, sigkill
+from faultlib import Watcher, fault_config, session_actors, sigkill
 from loft_dist.algorithms import load_model, save_model
 from loft_dist.data.pseudo_labels import training_dataset
 from loft_dist.data.store import read_dataset_info
 from loft_dist.train.trainer import fit_round
-from resume_checks import check_restores
+from resume_checks import check_restores, registered_epochs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 EPOCHS = 3
