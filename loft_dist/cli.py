@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
-    from loft_dist.config import ConfigError, load_config
+    from loft_dist.config import load_config
+    from loft_dist.errors import LoftError
 
     try:
         if args.command == "report":
@@ -94,17 +95,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "score":
             from loft_dist.scoring.job import run_score_job
 
+            from loft_dist.data.pseudo_labels import read_columns
+            from loft_dist.data.quarantine import error_kinds
+
             rows = run_score_job(cfg)
-            print(f"done: {rows} rows in {cfg.scoring.output}")
+            bad = error_kinds(read_columns(cfg.scoring.output, ["error"])["error"])
+            unread = f"; {sum(bad.values())} could not be read and are marked rejected with their reason in the " \
+                     f"`error` column ({', '.join(f'{k}: {n}' for k, n in bad.items())})" if bad else ""
+            print(f"done: {rows} rows in {cfg.scoring.output}{unread}")
             return 0
         from loft_dist.rounds import run
 
+        from loft_dist.data.quarantine import quarantined_counts
+
         final = run(cfg)
         acc = final["final"]["test"]["accuracy"]
-        print(f"done: {cfg.run_dir} — final test accuracy {100 * acc:.1f}% — report {cfg.run_dir}/report/report.md")
+        bad = quarantined_counts(cfg.run_dir)
+        unread = f" — {sum(bad.values())} unreadable images quarantined ({cfg.run_dir}/quarantine/)" if bad else ""
+        print(f"done: {cfg.run_dir} — final test accuracy {100 * acc:.1f}%{unread} — report {cfg.run_dir}/report/report.md")
         return 0
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"loft-dist: error: {e}", file=sys.stderr)
+    except LoftError as e:  # the user can fix it: one line; anything else is a bug and keeps its traceback
+        print(f"loft-dist: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -15,9 +15,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased as: which key, which value, what is allowed."""
+from loft_dist.errors import ConfigError  # noqa: F401 - re-exported: most modules import it from here
 
 
 def _choices(default: str, *allowed: str):

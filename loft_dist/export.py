@@ -22,6 +22,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from loft_dist.errors import StorageError, WeightsError
+
 EXPORT_FILE = "export.json"
 FORMAT = "loft_dist.export"
 FORMAT_VERSION = 1
@@ -83,10 +85,10 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a loft_dist run dir")
+        raise StorageError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a loft_dist run dir")
     rounds = completed_rounds(run_dir)
     if not rounds:
-        raise FileNotFoundError(f"{run_dir} has no completed round with a checkpoint (rounds/r<k>/checkpoint, k >= 1); "
+        raise StorageError(f"{run_dir} has no completed round with a checkpoint (rounds/r<k>/checkpoint, k >= 1); "
                                 f"round 0 is zero-shot CLIP and is not exported")
     r = rounds[-1] if round_idx is None else round_idx
     if r not in rounds:
@@ -105,7 +107,7 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
     # dataset.json may live on storage the exporting machine cannot see; newer checkpoints carry the names too
     names = info["class_names"] if info else train_state.get("class_names")
     if names is None:
-        raise FileNotFoundError(f"dataset.json of {run_dir} not found (data.root={cfg.data.root!r}, or "
+        raise StorageError(f"dataset.json of {run_dir} not found (data.root={cfg.data.root!r}, or "
                                 f"{run_dir / 'data'}) and the checkpoint names no classes: the export needs them")
 
     meta = {
@@ -224,11 +226,11 @@ def load_export(export_dir: str | Path, device: str = "cpu"):
     d = Path(export_dir)
     meta_path = d / EXPORT_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {d} is not a loft_dist export (make one with "
+        raise WeightsError(f"{meta_path} not found: {d} is not a loft_dist export (make one with "
                                 f"`loft-dist export RUN_DIR --out DIR`)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}; this loft_dist "
+        raise WeightsError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}; this loft_dist "
                          f"reads {FORMAT!r} up to v{FORMAT_VERSION}")
     cfg = from_dict({k: meta[k] for k in ("model", "peft", "algorithm")})
     model = load_model(cfg, meta["class_names"], d).to(device).eval()

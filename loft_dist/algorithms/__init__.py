@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loft_dist.errors import ConfigError
+
 ADAPTERS = ("lora", "adaptformer", "vpt", "bitfit", "ln")  # peft.method values that add a light adapter
 
 
@@ -53,7 +55,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"algorithm.name={name!r}; one of {', '.join(METHODS)}") from None
+        raise ConfigError(f"algorithm.name={name!r}; one of {', '.join(METHODS)}") from None
 
 
 def _module(name: str):

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loft_dist.algorithms.loft import HARD, LABELED, loft_loss
+from loft_dist.errors import WeightsError
 
 ULFINE_FILE = "ulfine.safetensors"  # linear head + paf_shift, beside the classifier's head.safetensors
 FUSION_RULES = ("sum", "weighted", "prob")
@@ -132,7 +133,7 @@ def load_ulfine(cfg, class_names: list[str], checkpoint: str | None) -> ULFineCl
     if checkpoint:
         path = Path(checkpoint) / ULFINE_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {checkpoint} was not trained with algorithm.name=ulfine "
+            raise WeightsError(f"{path} not found: {checkpoint} was not trained with algorithm.name=ulfine "
                                     f"(it has no linear head)")
         t = load_file(str(path))
         with torch.no_grad():

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from loft_dist.algorithms.loft import DECISIONS, HARD, LABELED, SOFT
 from loft_dist.data.store import read_split
 from loft_dist.data.transforms import build_view, decode_all, decode_batch
+from loft_dist.errors import StorageError
 
 SUCCESS = "_SUCCESS"
 IGNORED = -2  # code of rows that failed to decode: they get no loss, and are counted
@@ -25,7 +26,7 @@ def is_complete(table_dir: str | Path) -> bool:
 
 def table_files(table_dir: str | Path) -> list[str]:
     if not is_complete(table_dir):
-        raise FileNotFoundError(f"{table_dir} has no {SUCCESS}: it is not a complete table (a reader trusts only those)")
+        raise StorageError(f"{table_dir} has no {SUCCESS}: it is not a complete table (a reader trusts only those)")
     return sorted(glob.glob(os.path.join(str(table_dir), "*.parquet")))
 
 

@@ -3,18 +3,19 @@ counted, never dropped silently; records that break the dataset's contract (a re
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from loft_dist.config import ConfigError
+from loft_dist.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-class DuplicateIdError(ConfigError):
+class DuplicateIdError(DataError):
     """Two records of one split share an id: every table keyed by id (pseudo-labels, predictions) would be wrong."""
 
 
@@ -65,6 +66,12 @@ def quarantine(table_dir: str | Path, run_dir: str | Path, split: str) -> int:
     elif path.exists():
         path.unlink()
     return int(len(bad))
+
+
+def error_kinds(errors) -> dict[str, int]:
+    """Rows that could not be read, by error kind (the exception type that the reason starts with), most first."""
+    kinds = collections.Counter(str(e).split(":", 1)[0] for e in errors if e)
+    return dict(kinds.most_common())
 
 
 def quarantined_counts(run_dir: str | Path) -> dict[str, int]:

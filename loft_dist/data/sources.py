@@ -20,18 +20,17 @@ from typing import Callable
 
 import numpy as np
 
-from loft_dist.config import ConfigError
+from loft_dist.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-class SourceError(ConfigError):
+class SourceError(DataError):
     """A source is missing, malformed or inconsistent; the message says where and how to fix.
 
-    A ConfigError (hence a ValueError): the config points at data that cannot be used, and the CLI
-    reports it as one line, like any other config problem.
+    A DataError (hence a ValueError): the CLI reports it as one line.
     """
 
 

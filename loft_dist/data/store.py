@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from loft_dist.errors import DataError, StorageError
+
 SCHEMA_VERSION = 1
 SPLITS = ("labeled", "unlabeled", "test", "ood_test")
 IMAGE_SCHEMA = pa.schema([
@@ -231,12 +233,12 @@ def read_dataset_info(root: str) -> dict:
     fs, base = resolve_root(root)
     p = _join(root, "dataset.json")
     if not _exists(fs, f"{base}/dataset.json"):
-        raise FileNotFoundError(f"{p} not found: {root} is not a prepared dataset; run `loft-dist prepare CONFIG` "
+        raise StorageError(f"{p} not found: {root} is not a prepared dataset; run `loft-dist prepare CONFIG` "
                                 f"(or set data.root to a dataset dir holding dataset.json)")
     with fs.open_input_stream(f"{base}/dataset.json") as f:
         info = json.loads(f.read().decode())
     if info.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{p} has schema_version {info.get('schema_version')}, this loft_dist reads {SCHEMA_VERSION}; "
+        raise DataError(f"{p} has schema_version {info.get('schema_version')}, this loft_dist reads {SCHEMA_VERSION}; "
                          f"re-run `loft-dist prepare`")
     return info
 
@@ -248,7 +250,7 @@ def shard_paths(root: str, split: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
     if not names:
-        raise FileNotFoundError(f"no Parquet shards in {_join(root, split)}; re-run `loft-dist prepare` for this "
+        raise StorageError(f"no Parquet shards in {_join(root, split)}; re-run `loft-dist prepare` for this "
                                 f"dataset")
     if _is_local(fs):
         return [f"{d}/{n}" for n in names]

@@ -18,6 +18,7 @@ import numpy as np
 from loft_dist.data.pseudo_labels import is_complete, read_columns, table_files
 from loft_dist.data.quarantine import quarantined_counts
 from loft_dist.data.store import write_json_atomic
+from loft_dist.errors import StorageError
 from loft_dist.eval import plots
 
 log = logging.getLogger(__name__)
@@ -402,7 +403,7 @@ def write_report(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     rounds = [_finite(m) for m in load_rounds(run_dir)]
     if not rounds:
-        raise FileNotFoundError(f"{run_dir} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
+        raise StorageError(f"{run_dir} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
     cfg = load_run_config(run_dir)
     info = find_dataset_info(run_dir, cfg)
     num_classes = len(rounds[-1]["test"]["per_class_accuracy"])
@@ -471,7 +472,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     for label, d in zip(labels, run_dirs):
         rounds = [_finite(m) for m in load_rounds(d)]
         if not rounds:
-            raise FileNotFoundError(f"{d} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
+            raise StorageError(f"{d} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
         cfg = load_run_config(d)
         info = find_dataset_info(d, cfg) or {}
         test_sets[label] = tuple(sorted((k, v) for k, v in (info.get("checksums") or {}).items()

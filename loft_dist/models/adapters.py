@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from loft_dist.errors import ConfigError, WeightsError
+
 ADAPTER_DIR = "adapter"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -43,7 +45,7 @@ def apply_adapter(visual: nn.Module, peft_cfg, num_classes: Optional[int] = None
     Returns the tower to use (a PeftModel for lora, the same module otherwise); `adapter_spec` describes it.
     """
     if peft_cfg.method not in METHODS:
-        raise ValueError(f"peft.method={peft_cfg.method!r} is not supported; one of: {', '.join(METHODS)}")
+        raise ConfigError(f"peft.method={peft_cfg.method!r} is not supported; one of: {', '.join(METHODS)}")
     visual.requires_grad_(False)
     blocks = visual.transformer.resblocks
     layers = _resolve_layers(peft_cfg.layers, len(blocks))
@@ -149,32 +151,32 @@ def load_adapter(visual: nn.Module, directory: str | Path) -> None:
     saved = _saved_config(d)
     saved_method = saved.get("method", "none")
     if saved_method != spec.method:
-        raise ValueError(f"checkpoint {directory} holds a {saved_method!r} adapter but peft.method={spec.method!r}; "
+        raise WeightsError(f"checkpoint {directory} holds a {saved_method!r} adapter but peft.method={spec.method!r}; "
                          f"set peft to the config the checkpoint was trained with")
     if spec.method == "none":
         return
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found; the checkpoint's adapter directory is incomplete")
+        raise WeightsError(f"{weights} not found; the checkpoint's adapter directory is incomplete")
     tensors = load_file(str(weights))
 
     if spec.method == "lora":
         from peft import set_peft_model_state_dict
 
         if saved.get("r") != spec.hparams["r"]:
-            raise ValueError(f"{d}: LoRA rank {saved.get('r')} in the checkpoint, {spec.hparams['r']} in peft.r")
+            raise WeightsError(f"{d}: LoRA rank {saved.get('r')} in the checkpoint, {spec.hparams['r']} in peft.r")
         result = set_peft_model_state_dict(visual, tensors)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise ValueError(f"{weights} does not match peft config (unexpected keys: {unexpected[:3]}...)")
+            raise WeightsError(f"{weights} does not match peft config (unexpected keys: {unexpected[:3]}...)")
         return
 
     differ = {k: (saved.get(k), v) for k, v in spec.hparams.items() if saved.get(k) != v}
     if differ:
-        raise ValueError(f"{d}: adapter hyperparameters differ (checkpoint, config): {differ}")
+        raise WeightsError(f"{d}: adapter hyperparameters differ (checkpoint, config): {differ}")
     missing, unexpected = set(spec.names) - set(tensors), set(tensors) - set(spec.names)
     if missing or unexpected:
-        raise ValueError(f"{weights} does not match the {spec.method} adapter (missing: {sorted(missing)[:3]}, "
+        raise WeightsError(f"{weights} does not match the {spec.method} adapter (missing: {sorted(missing)[:3]}, "
                          f"unexpected: {sorted(unexpected)[:3]})")
     visual.load_state_dict(tensors, strict=spec.method == "full")
 
@@ -189,17 +191,17 @@ def _saved_config(d: Path) -> dict:
         return config
     if str(config.get("peft_type", "")).upper() == "LORA":
         return {"method": "lora", "r": config.get("r")}
-    raise ValueError(f"{path} is neither a loft_dist nor a peft LoRA adapter config")
+    raise WeightsError(f"{path} is neither a loft_dist nor a peft LoRA adapter config")
 
 
 def _resolve_layers(layers, n_blocks: int) -> list[int]:
     if layers is None:
         return list(range(n_blocks))
     if len(layers) == 0:
-        raise ValueError("peft.layers=[] selects no block; use null for every block")
+        raise ConfigError("peft.layers=[] selects no block; use null for every block")
     bad = [i for i in layers if not 0 <= int(i) < n_blocks]
     if bad:
-        raise ValueError(f"peft.layers={list(layers)} names blocks {bad} but the image tower has {n_blocks} "
+        raise ConfigError(f"peft.layers={list(layers)} names blocks {bad} but the image tower has {n_blocks} "
                          f"(0..{n_blocks - 1})")
     return sorted({int(i) for i in layers})
 
@@ -208,7 +210,7 @@ def _bottleneck(peft_cfg, num_classes: Optional[int], n_layers: int) -> int:
     if peft_cfg.r > 0:
         return int(peft_cfg.r)
     if not num_classes:
-        raise ValueError("peft.r=0 (automatic bottleneck) needs the number of classes: "
+        raise ConfigError("peft.r=0 (automatic bottleneck) needs the number of classes: "
                          "apply_adapter(visual, peft_cfg, num_classes=C)")
     from loft_dist.models.adaptformer import auto_bottleneck
 

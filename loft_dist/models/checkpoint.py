@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from loft_dist.errors import WeightsError
 from loft_dist.models.adapters import load_adapter, save_adapter
 from loft_dist.models.clip import ClipClassifier, build_classifier
 
@@ -33,7 +34,7 @@ def load_weights(model: ClipClassifier, directory: str | Path) -> ClipClassifier
     d = Path(directory)
     head_path = d / HEAD_FILE
     if not head_path.is_file():
-        raise FileNotFoundError(f"{head_path} not found: {d} is not a loft_dist checkpoint")
+        raise WeightsError(f"{head_path} not found: {d} is not a loft_dist checkpoint")
     load_adapter(model.visual, d)
     model.head.weight.data.copy_(load_file(str(head_path))["weight"])
     return model

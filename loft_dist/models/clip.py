@@ -13,12 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loft_dist.errors import ConfigError, WeightsError
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _registered = False
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(WeightsError):
     """Pretrained weights are not available offline; the message says what to place where."""
 
 
@@ -37,7 +39,7 @@ def create_clip(name: str, pretrained: str = "", force_quick_gelu: bool = False)
     import open_clip
 
     if name not in open_clip.list_models():
-        raise ValueError(f"model.name={name!r} is not an open_clip model; e.g. ViT-B-16, ViT-B-16-quickgelu, "
+        raise ConfigError(f"model.name={name!r} is not an open_clip model; e.g. ViT-B-16, ViT-B-16-quickgelu, "
                          f"or a config in {MODEL_CONFIG_DIR}")
     source = pretrained or None
     if source and (source.endswith(WEIGHT_SUFFIXES) or os.sep in source):
@@ -48,7 +50,7 @@ def create_clip(name: str, pretrained: str = "", force_quick_gelu: bool = False)
     elif source:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if source not in tags:
-            raise ValueError(f"model.pretrained={source!r} is not a pretrained tag of {name}; tags: {', '.join(tags) or 'none'}")
+            raise ConfigError(f"model.pretrained={source!r} is not a pretrained tag of {name}; tags: {', '.join(tags) or 'none'}")
         # Offline, the hub client retries for ~46 s before failing; fail at once instead (only the cache is used).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -122,7 +124,7 @@ def build_classifier(model_cfg, peft_cfg, class_names: list[str]) -> ClipClassif
     clip.eval()
     visual = clip.visual
     if getattr(visual, "proj", None) is None:
-        raise ValueError(f"model.name={model_cfg.name!r}: loft_dist needs a ViT image tower with a projection "
+        raise ConfigError(f"model.name={model_cfg.name!r}: loft_dist needs a ViT image tower with a projection "
                          f"(open_clip ViT models); this model has none")
     text = text_prototypes(clip, model_cfg.name, class_names, model_cfg.prompt)
     proj = visual.proj.detach().clone().float()

@@ -26,6 +26,7 @@ from loft_dist.data.pseudo_labels import SUCCESS, commit_table, is_complete
 from loft_dist.data.quarantine import check_unique_ids
 from loft_dist.data.store import count_rows, shard_paths
 from loft_dist.data.transforms import decode_batch
+from loft_dist.errors import ConfigError, DataError, StorageError, WeightsError
 from loft_dist.scoring.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def _stage_image_folder(folder: Path, staging: Path, rows_per_shard: int) -> lis
         return shard_paths(str(staging.parent), staging.name)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise FileNotFoundError(f"scoring.input={folder} holds no Parquet shards and no images "
+        raise DataError(f"scoring.input={folder} holds no Parquet shards and no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)}); point it at a shard dir or an image folder")
 
     def rows():
@@ -189,7 +190,7 @@ def run_score_job(cfg) -> int:
 
     s = cfg.scoring
     if not s.input or not s.output:
-        raise FileNotFoundError("set scoring.input (a dir of Parquet image shards, a prepared dataset dir, or an "
+        raise ConfigError("set scoring.input (a dir of Parquet image shards, a prepared dataset dir, or an "
                                 "image folder) and scoring.output (the table dir to write)")
     src = Path(s.input)
     if (src / "dataset.json").is_file():
@@ -200,7 +201,7 @@ def run_score_job(cfg) -> int:
         paths = _stage_image_folder(src, Path(s.output).with_name(f".{Path(s.output).name}.input"),
                                     cfg.data.rows_per_shard)
     else:
-        raise FileNotFoundError(f"scoring.input={s.input} does not exist")
+        raise StorageError(f"scoring.input={s.input} does not exist")
     class_names = _class_names(cfg, s.checkpoint)
     check_fits(cfg, train=False, strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
     return score_shards(cfg, paths, str(Path(s.output).resolve()), class_names=class_names,
@@ -215,7 +216,7 @@ def _class_names(cfg, checkpoint: str) -> list[str]:
     if checkpoint:
         state = Path(checkpoint) / STATE_FILE
         if not state.is_file():
-            raise FileNotFoundError(f"scoring.checkpoint={checkpoint} holds no {STATE_FILE}: not a loft_dist checkpoint "
+            raise WeightsError(f"scoring.checkpoint={checkpoint} holds no {STATE_FILE}: not a loft_dist checkpoint "
                                     f"(use runs/<name>/rounds/r<k>/checkpoint)")
         names = json.loads(state.read_text()).get("class_names")
         if names:

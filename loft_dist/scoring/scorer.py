@@ -20,6 +20,7 @@ from loft_dist.algorithms import inference_logits, load_model
 from loft_dist.algorithms.loft import DECISIONS, REJECTED, pseudo_label_decision, zero_shot_keep
 from loft_dist.config import from_dict
 from loft_dist.data.transforms import normalize
+from loft_dist.errors import DataError, StorageError
 
 MODES = ("zero_shot", "teacher", "eval")
 PURPOSE = {"zero_shot": "zero_shot", "teacher": "pseudo_label", "eval": "test"}  # which logits a mode scores with
@@ -31,7 +32,7 @@ class ZeroShotLookup:
     def __init__(self, table_dir: str):
         files = sorted(glob.glob(os.path.join(table_dir, "*.parquet")))
         if not files:
-            raise FileNotFoundError(f"no round-0 zero-shot table in {table_dir}")
+            raise StorageError(f"no round-0 zero-shot table in {table_dir}")
         parts = [pq.read_table(f, columns=["id", "zs_msp"]) for f in files]
         ids = np.concatenate([p.column("id").to_numpy() for p in parts])
         vals = np.concatenate([p.column("zs_msp").to_numpy() for p in parts])
@@ -43,7 +44,7 @@ class ZeroShotLookup:
         pos = np.clip(pos, 0, len(self.ids) - 1)
         missing = self.ids[pos] != ids
         if missing.any():
-            raise KeyError(f"{int(missing.sum())} pool ids (e.g. {ids[missing][:3].tolist()}) are not in the round-0 "
+            raise DataError(f"{int(missing.sum())} pool ids (e.g. {ids[missing][:3].tolist()}) are not in the round-0 "
                            f"zero-shot table; the pool changed since round 0 — start a new run")
         return self.vals[pos]
 

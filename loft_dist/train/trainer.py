@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from loft_dist.config import to_dict
+from loft_dist.errors import DataError
 from loft_dist.train.deepspeed_config import grad_accum_steps
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
     if result.error:
         raise result.error
     if result.checkpoint is None:
-        raise RuntimeError(f"round {round_idx}: training reported no checkpoint (empty training set?)")
+        raise DataError(f"round {round_idx}: training reported no checkpoint (empty training set?)")
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

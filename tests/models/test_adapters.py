@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 
 from loft_dist.config import load_config
+from loft_dist.errors import WeightsError
 from loft_dist.models.adaptformer import AdaptFormerBlock, add_adaptformer, auto_bottleneck
 from loft_dist.models.adapters import ADAPTER_DIR, CONFIG_FILE, adapter_spec, apply_adapter
 from loft_dist.models.checkpoint import load_weights, save_weights
@@ -186,15 +187,15 @@ def test_save_load_round_trip(cfg, images, method, tmp_path):
 def test_load_rejects_another_adapter(cfg, tmp_path):
     save_weights(build(cfg, "adaptformer", r=8), tmp_path / "af")
     save_weights(build(cfg, "lora"), tmp_path / "lora")
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(WeightsError, match="differ"):
         load_weights(build(cfg, "adaptformer", r=4), tmp_path / "af")
-    with pytest.raises(ValueError, match="'adaptformer' adapter but peft.method='none'"):
+    with pytest.raises(WeightsError, match="'adaptformer' adapter but peft.method='none'"):
         load_weights(build(cfg, "none"), tmp_path / "af")
-    with pytest.raises(ValueError, match="'lora' adapter but peft.method='vpt'"):
+    with pytest.raises(WeightsError, match="'lora' adapter but peft.method='vpt'"):
         load_weights(build(cfg, "vpt"), tmp_path / "lora")
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(WeightsError, match="rank"):
         load_weights(build(cfg, "lora", r=4), tmp_path / "lora")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WeightsError):
         load_weights(build(cfg, "adaptformer"), tmp_path / "lora" / ADAPTER_DIR)
 
 
