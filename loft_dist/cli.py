@@ -7,9 +7,6 @@ import logging
 import os
 import sys
 
-# Offline machines: fail at once on hub look-ups instead of retrying (must be set before huggingface_hub loads).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -46,74 +43,95 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report(args) -> int:
+    from loft_dist.eval.report import write_report
+
+    write_report(args.run_dir)
+    print(os.path.join(args.run_dir, "report", "report.md"))
+    return 0
+
+
+def _export(args) -> int:
+    from loft_dist.export import export_round
+
+    print(export_round(args.run_dir, args.out, args.round))
+    return 0
+
+
+def _predict(args) -> int:
+    import json
+
+    from loft_dist.export import predict
+
+    logging.getLogger().setLevel(logging.WARNING)  # stdout is the result; keep stderr to what needs reading
+    results = predict(args.export_dir, args.images, args.batch_size, args.device)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"loft-dist: cannot read {r['path']}: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['path']}\t{r['class']}\t{r['probability']:.6f}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _compare(args) -> int:
+    from loft_dist.eval.report import compare_runs
+
+    compare_runs(args.run_dirs, args.out)
+    print(os.path.join(args.out, "compare.md"))
+    return 0
+
+
+def _prepare(cfg) -> int:
+    from loft_dist.data.prepare import prepare_dataset
+
+    prepare_dataset(cfg, force=True)
+    return 0
+
+
+def _score(cfg) -> int:
+    from loft_dist.data.pseudo_labels import read_columns
+    from loft_dist.data.quarantine import error_kinds
+    from loft_dist.scoring.job import run_score_job
+
+    rows = run_score_job(cfg)
+    bad = error_kinds(read_columns(cfg.scoring.output, ["error"])["error"])
+    unread = f"; {sum(bad.values())} could not be read and are marked rejected with their reason in the " \
+             f"`error` column ({', '.join(f'{k}: {n}' for k, n in bad.items())})" if bad else ""
+    print(f"done: {rows} rows in {cfg.scoring.output}{unread}")
+    return 0
+
+
+def _run(cfg) -> int:
+    from loft_dist.data.quarantine import quarantined_counts
+    from loft_dist.rounds import run
+
+    final = run(cfg)
+    acc = final["final"]["test"]["accuracy"]
+    bad = quarantined_counts(cfg.run_dir)
+    unread = f" — {sum(bad.values())} unreadable images quarantined ({cfg.run_dir}/quarantine/)" if bad else ""
+    print(f"done: {cfg.run_dir} — final test accuracy {100 * acc:.1f}%{unread} — report {cfg.run_dir}/report/report.md")
+    return 0
+
+
+RUN_DIR_COMMANDS = {"report": _report, "export": _export, "predict": _predict, "compare": _compare}
+CONFIG_COMMANDS = {"prepare": _prepare, "score": _score, "run": _run, "demo": _run}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Process-wide settings, made once here rather than as side effects of library calls. Offline machines: fail
+    # at once on hub look-ups instead of retrying for ~46 s (read when huggingface_hub is first imported).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _setup_logging()
     from loft_dist.config import load_config
     from loft_dist.errors import LoftError
 
     try:
-        if args.command == "report":
-            from loft_dist.eval.report import write_report
-
-            write_report(args.run_dir)
-            print(os.path.join(args.run_dir, "report", "report.md"))
-            return 0
-        if args.command == "export":
-            from loft_dist.export import export_round
-
-            out = export_round(args.run_dir, args.out, args.round)
-            print(out)
-            return 0
-        if args.command == "predict":
-            import json
-
-            from loft_dist.export import predict
-
-            logging.getLogger().setLevel(logging.WARNING)  # stdout is the result; keep stderr to what needs reading
-            results = predict(args.export_dir, args.images, args.batch_size, args.device)
-            for r in results:
-                if args.json:
-                    print(json.dumps(r))
-                elif "error" in r:
-                    print(f"loft-dist: cannot read {r['path']}: {r['error']}", file=sys.stderr)
-                else:
-                    print(f"{r['path']}\t{r['class']}\t{r['probability']:.6f}")
-            return 1 if any("error" in r for r in results) else 0
-        if args.command == "compare":
-            from loft_dist.eval.report import compare_runs
-
-            compare_runs(args.run_dirs, args.out)
-            print(os.path.join(args.out, "compare.md"))
-            return 0
-        cfg = load_config(getattr(args, "config", None), args.overrides)
-        if args.command == "prepare":
-            from loft_dist.data.prepare import prepare_dataset
-
-            prepare_dataset(cfg, force=True)
-            return 0
-        if args.command == "score":
-            from loft_dist.scoring.job import run_score_job
-
-            from loft_dist.data.pseudo_labels import read_columns
-            from loft_dist.data.quarantine import error_kinds
-
-            rows = run_score_job(cfg)
-            bad = error_kinds(read_columns(cfg.scoring.output, ["error"])["error"])
-            unread = f"; {sum(bad.values())} could not be read and are marked rejected with their reason in the " \
-                     f"`error` column ({', '.join(f'{k}: {n}' for k, n in bad.items())})" if bad else ""
-            print(f"done: {rows} rows in {cfg.scoring.output}{unread}")
-            return 0
-        from loft_dist.rounds import run
-
-        from loft_dist.data.quarantine import quarantined_counts
-
-        final = run(cfg)
-        acc = final["final"]["test"]["accuracy"]
-        bad = quarantined_counts(cfg.run_dir)
-        unread = f" — {sum(bad.values())} unreadable images quarantined ({cfg.run_dir}/quarantine/)" if bad else ""
-        print(f"done: {cfg.run_dir} — final test accuracy {100 * acc:.1f}%{unread} — report {cfg.run_dir}/report/report.md")
-        return 0
+        if args.command in RUN_DIR_COMMANDS:
+            return RUN_DIR_COMMANDS[args.command](args)
+        return CONFIG_COMMANDS[args.command](load_config(getattr(args, "config", None), args.overrides))
     except LoftError as e:  # the user can fix it: one line; anything else is a bug and keeps its traceback
         print(f"loft-dist: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

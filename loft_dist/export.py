@@ -80,8 +80,8 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
     """Copy round `round_idx` (default: the last completed) of a run into `out_dir` with export.json and a
     model card. An existing `out_dir` is replaced only when it is empty or an earlier export."""
     from loft_dist.config import ConfigError, from_dict
-    from loft_dist.eval.report import find_dataset_info, load_run_config
-    from loft_dist.train.loop import DS_DIR
+    from loft_dist.data.store import find_dataset_info, load_run_config
+    from loft_dist.models.checkpoint import DS_DIR
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():

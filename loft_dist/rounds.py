@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from loft_dist.config import Config, ConfigError, to_dict, to_yaml
+from loft_dist.config import Config, ConfigError, resumable_keys, to_dict, to_yaml
 from loft_dist.data.store import read_dataset_info, write_json_atomic
 
 log = logging.getLogger(__name__)
-# Keys that may change between a run and its resumption (where it runs, not what it computes).
-RESUMABLE_KEYS = ("run.ray_address", "run.num_cpus", "run.object_store_mb", "scoring.min_actors",
-                  "scoring.max_actors", "scoring.cpus_per_actor", "scoring.gpus_per_actor", "scoring.batch_size",
-                  "scoring.torch_threads", "scoring.cpus_per_data_task", "train.max_failures")
 
 
 class RunState:
@@ -33,7 +30,8 @@ class RunState:
         self.done: list[str] = json.loads(self.path.read_text())["completed"] if self.path.is_file() else []
         self.times: list[float] = []
 
-    def complete(self, phase: str) -> None:
+    def complete(self, phase: str, seconds: float) -> None:
+        self.times.append(seconds)
         self.done.append(phase)
         write_json_atomic(self.path, {"completed": self.done})
 
@@ -48,20 +46,142 @@ def _check_same_run(cfg: Config, run_dir: Path) -> None:
     for section, values in new.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if name not in RESUMABLE_KEYS and old.get(section, {}).get(key) != value:
+            if name not in resumable_keys() and old.get(section, {}).get(key) != value:
                 diffs.append(f"{name}: {old.get(section, {}).get(key)!r} → {value!r}")
     if diffs:
         raise ConfigError(f"{run_dir} holds a run with another config ({'; '.join(diffs)}); resume it with its own "
                           f"config, or start a new run with run.name=<new name>")
 
 
-def run(cfg: Config) -> dict:
-    """Run (or resume) all phases; returns the final round's metrics."""
+@dataclass(frozen=True)
+class Phase:
+    name: str  # as state.json records it: "prepare", "r0.score", "r1.train", …
+    step: str  # the key of STEPS that runs it
+    round: int = 0
+
+
+def phase_table(num_rounds: int) -> list[Phase]:
+    """Every phase of a run, in order. Running, resuming and the ETA all read this one list."""
+    rounds = [(0, ("score", "eval"))] + [(r, ("score", "train", "eval")) for r in range(1, num_rounds + 1)]
+    return [Phase("prepare", "prepare")] + [Phase(f"r{r}.{step}", step, r) for r, steps in rounds for step in steps]
+
+
+@dataclass
+class RunContext:
+    """What the phases of one run share: the config, where things go, the dataset's facts, Ray, the tracker."""
+    cfg: Config
+    run_dir: Path
+    root: str  # the dataset root (a URI stays a URI)
+    num_rounds: int
+    tracker: object = None
+    _info: dict | None = None
+    _ray: bool = False
+
+    def round_dir(self, r: int) -> Path:
+        return self.run_dir / "rounds" / f"r{r}"
+
+    def checkpoint(self, r: int) -> str | None:
+        """The model a phase of round r starts from; round 1 starts from the text prototypes (no checkpoint)."""
+        return str(self.round_dir(r) / "checkpoint") if r >= 1 else None
+
+    @property
+    def info(self) -> dict:
+        if self._info is None:
+            self._info = info = read_dataset_info(self.root)
+            log.info("data %s: %d classes, labeled %d, pool %d (of which OOD %d), test %d, ood_test %d", self.root,
+                     len(info["class_names"]), info["rows"]["labeled"], info["rows"]["unlabeled"],
+                     info["ood_counts"]["unlabeled"], info["rows"]["test"], info["rows"].get("ood_test", 0))
+        return self._info
+
+    def ray(self) -> None:
+        """Start or join Ray once, before the first phase that needs it; check that the asks fit first."""
+        if self._ray:
+            return
+        from loft_dist.runtime import check_fits, init_ray
+        from loft_dist.scoring.job import scoring_ask
+        from loft_dist.train.trainer import training_ask
+
+        started = init_ray(self.cfg.run, use_gpu=self.cfg.train.use_gpu or self.cfg.scoring.gpus_per_actor > 0)
+        check_fits([scoring_ask(self.cfg)] + ([training_ask(self.cfg)] if self.num_rounds else []), strict=started)
+        self._ray = True
+
+
+def _prepare(ctx: RunContext, r: int) -> None:
     from loft_dist.data.prepare import prepare_dataset
+
+    prepare_dataset(ctx.cfg)
+
+
+def _score(ctx: RunContext, r: int) -> None:
+    """The pool's pseudo-label table of round r: zero-shot in round 0, else the teacher of round r - 1."""
+    from loft_dist.data.pseudo_labels import pool_decisions
+    from loft_dist.data.quarantine import quarantine
+    from loft_dist.scoring.job import score_split
+
+    ctx.ray()
+    table = ctx.round_dir(r) / "pseudo_labels"
+    rows = score_split(ctx.cfg, ctx.root, "unlabeled", str(table), class_names=ctx.info["class_names"],
+                       mode="zero_shot" if r == 0 else "teacher", checkpoint=ctx.checkpoint(r - 1),
+                       zs_table=str(ctx.round_dir(0) / "pseudo_labels") if r >= 1 else None)
+    quarantine(table, ctx.run_dir, "unlabeled")
+    n = pool_decisions(table)
+    log.info("round %d pseudo-labels: %d rows scored; accepted hard %d, soft %d; rejected (MSP <= c_ood) %d; "
+             "OOD (zero-shot filter) %d", r, rows, n["hard"], n["soft"], n["rejected"], n["ood"])
+
+
+def _train(ctx: RunContext, r: int) -> None:
+    from loft_dist.algorithms import get_method
+    from loft_dist.algorithms.loft import stage1_kept_ids
+    from loft_dist.data.pseudo_labels import round_datasets
+    from loft_dist.train.trainer import fit_round
+
+    cfg, info = ctx.cfg, ctx.info
+    ctx.ray()
+    zs_table = str(ctx.round_dir(0) / "pseudo_labels")
+    pl_table = str(ctx.round_dir(r) / "pseudo_labels") if get_method(cfg.algorithm.name).pseudo_labels else None
+    kept = stage1_kept_ids(zs_table, cfg) if cfg.algorithm.mode == "online" else None
+    ds, what = round_datasets(ctx.root, cfg, len(info["class_names"]), pl_table, zs_table, kept)
+    log.info("round %d train set (%s): %d %s", r, cfg.algorithm.name, info["rows"]["labeled"], what)
+    counts = info["counts"]["labeled"]
+    metrics = fit_round(cfg, ds, class_names=info["class_names"], prior=[c / sum(counts) for c in counts],
+                        init_checkpoint=ctx.checkpoint(r - 1), round_idx=r,
+                        storage_path=str(ctx.run_dir / "ray_train"), out_dir=str(ctx.round_dir(r) / "checkpoint"),
+                        tracking_dir=str(ctx.run_dir))
+    write_json_atomic(ctx.round_dir(r) / "train_metrics.json", metrics)
+
+
+def _evaluate(ctx: RunContext, r: int) -> None:
+    """Score the test (and OOD test) split with round r's model, then write the round's metrics."""
+    from loft_dist.data.quarantine import quarantine
+    from loft_dist.data.store import split_exists
     from loft_dist.eval.evaluate import evaluate_round
+    from loft_dist.scoring.job import score_split
+
+    ctx.ray()
+    mode = "zero_shot" if r == 0 else "eval"
+    for split in ("test", "ood_test"):
+        if split == "test" or split_exists(ctx.root, split):
+            out = ctx.round_dir(r) / "predictions" / split
+            score_split(ctx.cfg, ctx.root, split, str(out), class_names=ctx.info["class_names"], mode=mode,
+                        checkpoint=ctx.checkpoint(r))
+            quarantine(out, ctx.run_dir, split)
+    m = evaluate_round(ctx.cfg, ctx.round_dir(r), classes=ctx.info["class_names"],
+                       labeled_counts=ctx.info["counts"]["labeled"], round_idx=r, mode=mode)
+    ctx.tracker.log_round(r, m)
+    g = m["test"]["groups"]
+    log.info("round %d eval: accuracy %.4f (many %s, medium %s, few %s), balanced %.4f", r, m["test"]["accuracy"],
+             *(_fmt(g[k]["accuracy"]) for k in ("many", "medium", "few")), m["test"]["balanced_accuracy"])
+
+
+STEPS = {"prepare": _prepare, "score": _score, "train": _train, "eval": _evaluate}
+
+
+def run(cfg: Config) -> dict:
+    """Run (or resume) every phase of the table; returns the report's summary."""
+    from loft_dist.algorithms import get_method
     from loft_dist.eval.report import write_report
-    from loft_dist.eval.tracking import Tracker
-    from loft_dist.runtime import check_fits, init_ray, preflight
+    from loft_dist.runtime import preflight
+    from loft_dist.tracking import Tracker
 
     preflight(cfg)  # an unwritable run.storage_path or a missing weights file fails here, before Ray starts
     run_dir = Path(cfg.run_dir).resolve()  # workers and actors run in other directories
@@ -69,87 +189,24 @@ def run(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     state = RunState(run_dir)
-    from loft_dist.algorithms import get_method
-
     R = cfg.rounds.num_rounds if get_method(cfg.algorithm.name).trains else 0  # zero-shot: round 0 is the run
-    phases = ["prepare", "r0.score", "r0.eval"] + [f"r{r}.{p}" for r in range(1, R + 1) for p in ("score", "train", "eval")]
-    todo = [p for p in phases if p not in state.done]
-    log.info("run %s: %d rounds, %d of %d phases to do%s", run_dir, R, len(todo), len(phases),
+    table = phase_table(R)
+    todo = [p for p in table if p.name not in state.done]
+    log.info("run %s: %d rounds, %d of %d phases to do%s", run_dir, R, len(todo), len(table),
              f" (resuming after {state.done[-1]})" if state.done else "")
-
-    def phase(name: str, fn) -> None:
-        if name in state.done:
-            return
-        t0 = time.time()
-        fn()
-        state.times.append(time.time() - t0)
-        state.complete(name)
-        left = len([p for p in phases if p not in state.done])
-        eta = left * sum(state.times) / len(state.times)
-        log.info("phase %s done in %.1f s; %d phases left, ETA %.0f s", name, state.times[-1], left, eta)
-
-    root = cfg.data_root if "://" in cfg.data_root else str(Path(cfg.data_root).resolve())  # URIs stay URIs
-    phase("prepare", lambda: prepare_dataset(cfg))
-    info = read_dataset_info(root)
-    classes = info["class_names"]
-    labeled_counts = info["counts"]["labeled"]
-    prior = [c / sum(labeled_counts) for c in labeled_counts]
-    log.info("data %s: %d classes, labeled %d, pool %d (of which OOD %d), test %d, ood_test %d", root, len(classes),
-             info["rows"]["labeled"], info["rows"]["unlabeled"], info["ood_counts"]["unlabeled"], info["rows"]["test"],
-             info["rows"].get("ood_test", 0))
-    started = init_ray(cfg.run, use_gpu=cfg.train.use_gpu or cfg.scoring.gpus_per_actor > 0)
-    check_fits(cfg, train=R > 0, strict=started)
-
-    def rdir(r: int) -> Path:
-        return run_dir / "rounds" / f"r{r}"
-
-    def score_pool(r: int) -> None:
-        from loft_dist.scoring.job import score_split
-        from loft_dist.data.pseudo_labels import pool_decisions
-        from loft_dist.data.quarantine import quarantine
-
-        mode = "zero_shot" if r == 0 else "teacher"
-        ckpt = str(rdir(r - 1) / "checkpoint") if r >= 2 else None  # r = 1: the initial (text-prototype) model
-        table = rdir(r) / "pseudo_labels"
-        rows = score_split(cfg, root, "unlabeled", str(table), class_names=classes, mode=mode, checkpoint=ckpt,
-                           zs_table=str(rdir(0) / "pseudo_labels") if r >= 1 else None)
-        quarantine(table, run_dir, "unlabeled")
-        counts = pool_decisions(table)
-        log.info("round %d pseudo-labels: %d rows scored; accepted hard %d, soft %d; rejected (MSP <= c_ood) %d; "
-                 "OOD (zero-shot filter) %d", r, rows, counts["hard"], counts["soft"], counts["rejected"], counts["ood"])
-
-    def train(r: int) -> None:
-        from loft_dist.data.pseudo_labels import round_datasets
-        from loft_dist.train.trainer import fit_round
-
-        ds, what = round_datasets(root, cfg, len(classes), str(rdir(r) / "pseudo_labels"), str(rdir(0) / "pseudo_labels"))
-        log.info("round %d train set (%s): %d %s", r, cfg.algorithm.name, info["rows"]["labeled"], what)
-        metrics = fit_round(cfg, ds, class_names=classes, prior=prior,
-                            init_checkpoint=str(rdir(r - 1) / "checkpoint") if r >= 2 else None, round_idx=r,
-                            storage_path=str(run_dir / "ray_train"), out_dir=str(rdir(r) / "checkpoint"),
-                            tracking_dir=str(run_dir))
-        write_json_atomic(rdir(r) / "train_metrics.json", metrics)
-
-    def evaluate(r: int) -> None:
-        ckpt = str(rdir(r) / "checkpoint") if r >= 1 else None
-        m = evaluate_round(cfg, root, rdir(r), classes=classes, labeled_counts=labeled_counts, round_idx=r,
-                           checkpoint=ckpt, mode="zero_shot" if r == 0 else "eval")
-        tracker.log_round(r, m)
-        g = m["test"]["groups"]
-        log.info("round %d eval: accuracy %.4f (many %s, medium %s, few %s), balanced %.4f", r, m["test"]["accuracy"],
-                 *(_fmt(g[k]["accuracy"]) for k in ("many", "medium", "few")), m["test"]["balanced_accuracy"])
-
-    tracker = Tracker(run_dir)  # TensorBoard (and MLflow when configured) beside the run's files
-    tracker.log_params(to_dict(cfg), resumable=RESUMABLE_KEYS)
+    root = cfg.data_root if "://" in cfg.data_root else str(Path(cfg.data_root).resolve())
+    ctx = RunContext(cfg, run_dir, root, R, tracker=Tracker(run_dir))  # TensorBoard (+ MLflow) beside the run
+    ctx.tracker.log_params(to_dict(cfg), resumable=resumable_keys())
     try:
-        phase("r0.score", lambda: score_pool(0))
-        phase("r0.eval", lambda: evaluate(0))
-        for r in range(1, R + 1):
-            phase(f"r{r}.score", lambda r=r: score_pool(r))
-            phase(f"r{r}.train", lambda r=r: train(r))
-            phase(f"r{r}.eval", lambda r=r: evaluate(r))
+        for i, p in enumerate(todo):
+            t0 = time.time()
+            STEPS[p.step](ctx, p.round)
+            state.complete(p.name, time.time() - t0)
+            left = len(todo) - i - 1
+            log.info("phase %s done in %.1f s; %d phases left, ETA %.0f s", p.name, state.times[-1], left,
+                     left * sum(state.times) / len(state.times))
     finally:
-        tracker.close(finished=len(state.done) == len(phases))
+        ctx.tracker.close(finished=len(state.done) == len(table))
     summary = write_report(run_dir)
     log.info("report: %s", run_dir / "report" / "report.md")
     return summary

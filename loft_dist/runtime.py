@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from loft_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +27,6 @@ def preflight(cfg) -> None:
 
 def check_writable(directory: str, key: str) -> None:
     """Create `directory` if needed and write a file in it; a ConfigError naming `key` if that fails."""
-    from loft_dist.config import ConfigError
-
     if "://" in str(directory):
         return  # an object store: checked by whoever writes there first
     d = Path(directory)
@@ -44,8 +45,10 @@ def init_ray(run_cfg, use_gpu: bool = False) -> bool:
     True when this call started a local Ray (which cannot grow: an ask it cannot hold is an error, not a wait)."""
     import ray
 
-    # Tracking settings reach the train workers too (rank 0 logs epoch curves), also on a remote cluster.
-    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if k in os.environ}
+    # Tracking settings reach the train workers too (rank 0 logs epoch curves), also on a remote cluster; so does
+    # the CLI's HF_HUB_OFFLINE (actors that load a pretrained tag fail at once offline instead of retrying).
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "HF_HUB_OFFLINE")
+           if k in os.environ}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its CPU accelerator and gloo inside train workers
     started = False
@@ -62,43 +65,47 @@ def init_ray(run_cfg, use_gpu: bool = False) -> bool:
     return started
 
 
-def check_fits(cfg, *, train: bool, strict: bool) -> None:
-    """The scoring pool's first actors and (with `train`) the train workers, each beside one Ray Data decode task,
-    must fit in the cluster, or Ray waits for them forever without an error (ENVIRONMENT's 2-core hang trap).
+@dataclass(frozen=True)
+class Ask:
+    """What one phase asks of the cluster: `count` units of `each` (Ray resources) beside one Ray Data task.
+
+    The phase that owns the resources says what it asks (scoring.job.scoring_ask, train.trainer.training_ask);
+    this module only checks asks against the cluster, so it knows nothing of scoring or training."""
+    phase: str  # "scoring", "training"
+    count: int
+    unit: str  # "actor", "worker"
+    each: dict
+    data_cpus: float
+    keys: tuple[str, str, str]  # the config keys of count, per-unit CPUs and data-task CPUs, named in errors
+
+
+def check_fits(asks: list[Ask], *, strict: bool) -> None:
+    """Each ask (e.g. the scoring pool's first actors, the train workers), beside one Ray Data decode task, must fit
+    in the cluster, or Ray waits for it forever without an error (ENVIRONMENT's 2-core hang trap).
 
     strict (a local Ray, which cannot grow): a ConfigError naming the keys to change. Otherwise a warning: an
     autoscaling cluster adds the nodes for an ask no running node can hold."""
     import ray
 
-    from loft_dist.config import ConfigError
-    from loft_dist.train.trainer import worker_resources
-
-    s, t = cfg.scoring, cfg.train
-    asks = [("scoring", s.min_actors, "actor", "scoring.min_actors", "scoring.cpus_per_actor",
-             {"CPU": s.cpus_per_actor, "GPU": s.gpus_per_actor, **s.custom_resources},
-             s.cpus_per_data_task, "scoring.cpus_per_data_task")]
-    if train:
-        asks.append(("training", t.num_workers, "worker", "train.num_workers", "train.cpus_per_worker",
-                     worker_resources(t),
-                     t.cpus_per_data_task, "train.cpus_per_data_task"))
     have = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     problems = []
-    for phase, n, unit, n_key, cpu_key, each, data_cpus, data_key in asks:
-        each = {k: float(v) for k, v in each.items() if v}
+    for a in asks:
+        n, (n_key, cpu_key, data_key) = a.count, a.keys
+        each = {k: float(v) for k, v in a.each.items() if v}
         total = {k: n * v for k, v in each.items()}
-        total["CPU"] = total.get("CPU", 0.0) + data_cpus
+        total["CPU"] = total.get("CPU", 0.0) + a.data_cpus
         for k, v in total.items():
             if v > have.get(k, 0.0) + 1e-6:
-                split = (f"{n} x {each.get('CPU', 0):g} ({n_key} x {cpu_key}) + {data_cpus:g} ({data_key})"
+                split = (f"{n} x {each.get('CPU', 0):g} ({n_key} x {cpu_key}) + {a.data_cpus:g} ({data_key})"
                          if k == "CPU" else f"{n} x {each[k]:g}")
-                problems.append(f"{phase} asks for {v:g} {k} = {split}, but the cluster has {have.get(k, 0.0):g}")
+                problems.append(f"{a.phase} asks for {v:g} {k} = {split}, but the cluster has {have.get(k, 0.0):g}")
         if not any(all(node.get(k, 0.0) >= v - 1e-6 for k, v in each.items()) for node in nodes):
-            problems.append(f"no node can hold one {phase} {unit} ({each}); nodes offer "
+            problems.append(f"no node can hold one {a.phase} {a.unit} ({each}); nodes offer "
                             f"{[{k: v for k, v in node.items() if k in each} for node in nodes]}")
     if not problems:
         return
-    fix = (f"lower {', '.join(a[3] for a in asks)} or the per-{'/'.join(a[2] for a in asks)} resources, "
+    fix = (f"lower {', '.join(a.keys[0] for a in asks)} or the per-{'/'.join(a.unit for a in asks)} resources, "
            f"or give Ray more (run.num_cpus for a local Ray; more or larger nodes on a cluster)")
     msg = "; ".join(problems) + f": Ray would wait for it forever. Fix: {fix}"
     if strict:

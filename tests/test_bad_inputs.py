@@ -292,20 +292,25 @@ def test_asks_that_cannot_fit_in_ray_are_refused_not_waited_for(ray_session, cap
     """The 2-core hang trap: workers or actors that take every CPU leave none for Ray Data's decode tasks, and
     Ray waits forever. A local Ray (strict) refuses with the numbers and keys; a joined cluster only warns."""
     from loft_dist.runtime import check_fits
+    from loft_dist.scoring.job import scoring_ask
+    from loft_dist.train.trainer import training_ask
 
-    check_fits(load_config(TINY, []), train=True, strict=True)  # the defaults fit the session's 4 CPUs
+    def asks(cfg, train: bool):  # what the round driver asks for
+        return [scoring_ask(cfg)] + ([training_ask(cfg)] if train else [])
+
+    check_fits(asks(load_config(TINY, []), True), strict=True)  # the defaults fit the session's 4 CPUs
     cfg = load_config(TINY, ["train.num_workers=4", "train.cpus_per_worker=1"])
-    check_fits(cfg, train=False, strict=True)  # scoring alone fits: training is not asked for
+    check_fits(asks(cfg, False), strict=True)  # scoring alone fits: training is not asked for
     with pytest.raises(ConfigError) as e:
-        check_fits(cfg, train=True, strict=True)
+        check_fits(asks(cfg, True), strict=True)
     assert str(e.value).startswith("training asks for 4.5 CPU = 4 x 1 (train.num_workers x train.cpus_per_worker) "
                                    "+ 0.5 (train.cpus_per_data_task), but the cluster has 4: Ray would wait for it "
                                    "forever. Fix: lower scoring.min_actors, train.num_workers"), str(e.value)
     pinned = load_config(TINY, ["scoring.custom_resources={scorer: 0.5}"])
     with pytest.raises(ConfigError, match=r"scoring asks for 0.5 scorer = 1 x 0.5, but the cluster has 0; "
                                           r"no node can hold one scoring actor"):
-        check_fits(pinned, train=False, strict=True)
-    check_fits(pinned, train=False, strict=False)
+        check_fits(asks(pinned, False), strict=True)
+    check_fits(asks(pinned, False), strict=False)
     assert "unless the cluster's autoscaler adds nodes for it" in caplog.text
 
 

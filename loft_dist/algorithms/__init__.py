@@ -5,57 +5,12 @@ train on the pool, which config values its name implies) and, for the loss and t
 module: `loft` (LoFT, LoFT-OW), `fixmatch`, `supervised` (LP, LFT, FFT), `ulfine`. The pseudo-label
 decision rule is one function for all of them: `loft.pseudo_label_decision`.
 
-This file imports no torch at module level: `config.py` reads `METHODS` to validate a config before Ray starts.
+`METHODS` is configuration data (the values a name implies) and lives in `loft_dist.config`; it is re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from loft_dist.errors import ConfigError
-
-ADAPTERS = ("lora", "adaptformer", "vpt", "bitfit", "ln")  # peft.method values that add a light adapter
-
-
-@dataclass(frozen=True)
-class Method:
-    module: str  # loft_dist.algorithms.<module>: the loss (and, for ulfine, the model)
-    summary: str
-    trains: bool = True  # zero-shot trains nothing: the run is round 0 only
-    pseudo_labels: bool = True  # trains on the pool (offline: the round's accepted rows; online: per step)
-    # Config values the name implies, merged beneath the user's YAML and overrides (so either can change them).
-    defaults: dict = field(default_factory=dict)
-    peft_methods: tuple = ()  # peft.method values the method is defined with (empty = any)
-
-
-METHODS = {
-    "zero_shot": Method("supervised", "CLIP zero-shot with the text prototypes; no training", trains=False,
-                        pseudo_labels=False),
-    "lp": Method("supervised", "linear probe: frozen tower, cosine head only, labeled data only",
-                 pseudo_labels=False, defaults={"peft": {"method": "none"}}, peft_methods=("none",)),
-    "lft": Method("supervised", "LIFT: light adapter + head, labeled data only, logit-adjusted loss",
-                  pseudo_labels=False, peft_methods=ADAPTERS),
-    "fft": Method("supervised", "full fine-tuning of the tower + head, labeled data only",
-                  pseudo_labels=False, defaults={"peft": {"method": "full"}}, peft_methods=("full",)),
-    # FixMatch: c_ood = c_hard leaves no soft band (ties go to hard); plain CE (tau 0); lambda_u 1 as in FixMatch.
-    "fixmatch": Method("fixmatch", "FixMatch: hard pseudo-labels at MSP >= 0.95, plain cross-entropy",
-                       defaults={"algorithm": {"c_hard": 0.95, "c_ood": 0.95, "lambda_u": 1.0, "lambda_uc": 0.0,
-                                               "tau": 0.0}}),
-    "loft": Method("loft", "LoFT, closed world: hard + soft pseudo-labels, nothing rejected (SPEC Decision 2)",
-                   defaults={"algorithm": {"c_ood": 0.0}}),
-    "loft_ow": Method("loft", "LoFT-OW: stage-1 zero-shot filter + stage-2 MSP rejection at c_ood 0.3",
-                      defaults={"algorithm": {"c_ood": 0.3, "zs_filter": True}}),
-    # ULFine's SSL base is not retrievable (SPEC B.5); the LTSSL norm is FixMatch's hard rule + LA supervised loss.
-    "ulfine": Method("ulfine", "ULFine (reconstructed): PAF + orthogonality + dual logit fusion on FixMatch",
-                     defaults={"algorithm": {"c_hard": 0.95, "c_ood": 0.95, "lambda_u": 1.0, "lambda_uc": 0.0}}),
-}
-
-
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"algorithm.name={name!r}; one of {', '.join(METHODS)}") from None
+from loft_dist.config import ADAPTERS, METHODS, Method, get_method  # noqa: F401 - re-exported
 
 
 def _module(name: str):

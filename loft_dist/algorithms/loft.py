@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DECISIONS = ("hard", "soft", "ood", "rejected")
-HARD, SOFT, OOD, REJECTED = 0, 1, 2, 3
-LABELED = -1  # code of labeled rows inside a training batch
+from loft_dist.data.decisions import DECISIONS, HARD, LABELED, OOD, REJECTED, SOFT  # noqa: F401 - re-exported
 
 
 def logit_adjusted_ce(logits: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -28,6 +26,19 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
 def zero_shot_keep(zs_msp: torch.Tensor, threshold: float, keep: str = "above") -> torch.Tensor:
     """Stage-1 filter of LoFT-OW: keep samples whose zero-shot MSP is >= threshold ("above") or < it ("below")."""
     return zs_msp >= threshold if keep == "above" else zs_msp < threshold
+
+
+def stage1_kept_ids(zs_table: str, cfg):
+    """Pool ids that pass LoFT-OW's stage-1 zero-shot filter in the round-0 table; None when the filter is off."""
+    a = cfg.algorithm
+    if not a.zs_filter:
+        return None
+    import numpy as np
+
+    from loft_dist.data.pseudo_labels import read_columns
+
+    z = read_columns(zs_table, ["id", "zs_msp"])
+    return z["id"][zero_shot_keep(torch.from_numpy(z["zs_msp"].astype(np.float32)), a.zs_threshold, a.zs_keep).numpy()]
 
 
 def pseudo_label_decision(probs: torch.Tensor, c_hard: float, c_ood: float, soft_weight: str = "one",

@@ -31,10 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loft_dist.algorithms.loft import HARD, LABELED, loft_loss
+from loft_dist.config import DLF_RULES
 from loft_dist.errors import WeightsError
 
 ULFINE_FILE = "ulfine.safetensors"  # linear head + paf_shift, beside the classifier's head.safetensors
-FUSION_RULES = ("sum", "weighted", "prob")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def fuse_logits(z_text: torch.Tensor, z_lin: torch.Tensor, rule: str = "sum", we
                              math.log(weight) + F.log_softmax(z_lin, dim=-1) if weight > 0 else
                              torch.full_like(z_lin, -math.inf)])
         return torch.logsumexp(parts, dim=0)
-    raise ValueError(f"dlf.rule={rule!r}; one of {FUSION_RULES}")
+    raise ValueError(f"dlf.rule={rule!r}; one of {DLF_RULES}")
 
 
 def orthogonality_loss(prototypes: torch.Tensor) -> torch.Tensor:

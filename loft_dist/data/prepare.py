@@ -237,6 +237,39 @@ def _describe(d: DataConfig, plan: Plan) -> dict:
     return {"train": f"{d.source}:{d.source_path}" if d.source_path else d.source, "test": test, "ood": ood}
 
 
+def _complete_dataset(root: str, wanted: dict) -> dict | None:
+    """dataset.json of a complete dataset at root built with the `wanted` protocol, else None (rebuild)."""
+    try:
+        info = read_dataset_info(root)
+    except (FileNotFoundError, ValueError):
+        return None
+    if info.get("protocol") == wanted:
+        log.info("dataset at %s is complete (dataset.json matches the protocol); not rebuilding", root)
+        return info
+    log.info("dataset at %s was built with another protocol; rebuilding", root)
+    return None
+
+
+def _write_splits(plan, cfg: Config, root: str, test_offset: int) -> dict:
+    """Every split of the plan as Parquet shards under root; what write_split reports of each."""
+    d, seed = cfg.data, cfg.run.seed
+    labeled_order = plan.labeled[np.random.default_rng(seed + 3).permutation(len(plan.labeled))]
+    splits = {
+        "labeled": _rows(plan.train, labeled_order, labeled=True),
+        "unlabeled": _pool_rows(plan, seed),
+        "test": _rows(plan.test_source, plan.test_idx, id_offset=test_offset),
+    }
+    if len(plan.ood_test):
+        splits["ood_test"] = _rows(plan.ood, plan.ood_test, ood=True, id_offset=OOD_ID_OFFSET)
+    written = {}
+    for split, rows in splits.items():
+        t0 = time.time()
+        written[split] = w = write_split(rows, root, split, d.rows_per_shard, target_mb=d.shard_mb)
+        log.info("wrote %s: %d rows, %d shards, %.1f MB in %.1f s", split, w["rows"], w["shards"], w["bytes"] / 2**20,
+                 time.time() - t0)
+    return written
+
+
 def prepare_dataset(cfg: Config, force: bool = False) -> dict:
     """Build the dataset dir at cfg.data_root unless a complete one with the same protocol is there."""
     d = cfg.data
@@ -244,16 +277,9 @@ def prepare_dataset(cfg: Config, force: bool = False) -> dict:
     if "://" not in root:
         root = str(resolve_root(root)[1])
     wanted = protocol_record(cfg)
-    if not force:
-        try:
-            info = read_dataset_info(root)
-        except (FileNotFoundError, ValueError):
-            info = None
-        if info is not None and info.get("protocol") == wanted:
-            log.info("dataset at %s is complete (dataset.json matches the protocol); not rebuilding", root)
-            return info
-        if info is not None:
-            log.info("dataset at %s was built with another protocol; rebuilding", root)
+    info = None if force else _complete_dataset(root, wanted)
+    if info is not None:
+        return info
 
     plan = plan_splits(cfg)
     C = len(plan.train.class_names)
@@ -274,23 +300,8 @@ def prepare_dataset(cfg: Config, force: bool = False) -> dict:
     except OSError as e:
         raise SourceError(f"data.root={root}: cannot write the dataset there ({e}); set data.root to a writable "
                           f"directory or URI") from e
-    seed = cfg.run.seed
-    labeled_order = plan.labeled[np.random.default_rng(seed + 3).permutation(len(plan.labeled))]
     test_offset = TEST_ID_OFFSET if plan.test is not None else 0
-    splits = {
-        "labeled": _rows(plan.train, labeled_order, labeled=True),
-        "unlabeled": _pool_rows(plan, seed),
-        "test": _rows(plan.test_source, plan.test_idx, id_offset=test_offset),
-    }
-    if len(plan.ood_test):
-        splits["ood_test"] = _rows(plan.ood, plan.ood_test, ood=True, id_offset=OOD_ID_OFFSET)
-    written = {}
-    for split, rows in splits.items():
-        t0 = time.time()
-        written[split] = write_split(rows, root, split, d.rows_per_shard, target_mb=d.shard_mb)
-        w = written[split]
-        log.info("wrote %s: %d rows, %d shards, %.1f MB in %.1f s", split, w["rows"], w["shards"], w["bytes"] / 2**20,
-                 time.time() - t0)
+    written = _write_splits(plan, cfg, root, test_offset)
     for split in SPLITS:  # a split an earlier build wrote and this one does not (e.g. ood_test) must not linger
         if split not in written and split_exists(root, split):
             fs.delete_dir(f"{base}/{split}")

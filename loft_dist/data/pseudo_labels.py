@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from loft_dist.algorithms.loft import DECISIONS, HARD, LABELED, SOFT
+from loft_dist.data.decisions import DECISIONS, HARD, IGNORED, LABELED, SOFT
 from loft_dist.data.store import read_split
 from loft_dist.data.transforms import build_view, decode_all, decode_batch
 from loft_dist.errors import StorageError
 
 SUCCESS = "_SUCCESS"
-IGNORED = -2  # code of rows that failed to decode: they get no loss, and are counted
 
 
 def is_complete(table_dir: str | Path) -> bool:
@@ -176,26 +175,20 @@ def _weak_and_strong(batch: dict, student_view: str, image_size: int, hflip: boo
     return {"id": batch["id"], **out, "ok": ok}
 
 
-def online_datasets(data_root: str, cfg, num_classes: int, zs_table: str | None):
+def online_datasets(data_root: str, cfg, num_classes: int, zs_table: str, kept_ids: np.ndarray | None):
     """Online mode: {"train": labeled rows, "pool": unlabeled rows with weak + strong views}, and the pool size.
 
-    LoFT-OW's stage-1 filter (algorithm.zs_filter) drops the pool rows the round-0 zero-shot table rejects,
-    as the released code never puts them in its unlabeled set.
+    kept_ids (LoFT-OW's stage-1 filter, decided by the algorithm): only these pool rows enter the pool, as the
+    released code never puts the rejected ones in its unlabeled set; None keeps every row of the zero-shot table.
     """
     import ray
-    import torch
-
-    from loft_dist.algorithms.loft import zero_shot_keep
 
     labeled, _ = training_dataset(data_root, cfg, num_classes, None)
     pool = read_split(data_root, "unlabeled", columns=["id", "image"])
-    a, t = cfg.algorithm, cfg.train
-    if a.zs_filter:
-        z = read_columns(zs_table, ["id", "zs_msp"])
-        keep = zero_shot_keep(torch.from_numpy(z["zs_msp"].astype(np.float32)), a.zs_threshold, a.zs_keep).numpy()
-        kept = np.sort(z["id"][keep])
-        pool = pool.map_batches(_only_ids, fn_kwargs={"ids_ref": ray.put(kept)}, batch_format="numpy")
-        n_pool = len(kept)
+    t = cfg.train
+    if kept_ids is not None:
+        pool = pool.map_batches(_only_ids, fn_kwargs={"ids_ref": ray.put(np.sort(kept_ids))}, batch_format="numpy")
+        n_pool = len(kept_ids)
     else:
         n_pool = len(read_columns(zs_table, ["id"])["id"])
     pool = pool.randomize_block_order(seed=cfg.run.seed).map_batches(
@@ -205,15 +198,17 @@ def online_datasets(data_root: str, cfg, num_classes: int, zs_table: str | None)
     return {"train": labeled, "pool": pool}, n_pool
 
 
-def round_datasets(data_root: str, cfg, num_classes: int, pl_table: str, zs_table: str) -> tuple[dict, str]:
-    """The Ray datasets one round trains on (by algorithm.mode and method), and a line saying what they hold."""
-    from loft_dist.algorithms import get_method
+def round_datasets(data_root: str, cfg, num_classes: int, pl_table: str | None, zs_table: str,
+                   kept_ids: np.ndarray | None = None) -> tuple[dict, str]:
+    """The Ray datasets one round trains on, and a line saying what they hold.
 
+    pl_table None: the method trains on labeled rows only. Online mode (algorithm.mode) reads the pool itself,
+    less the rows outside kept_ids."""
     if cfg.algorithm.mode == "online":
-        ds, n_pool = online_datasets(data_root, cfg, num_classes, zs_table)
+        ds, n_pool = online_datasets(data_root, cfg, num_classes, zs_table, kept_ids)
         return ds, (f"labeled rows + {n_pool} pool rows pseudo-labeled at every step (online)" if n_pool else
                     "labeled rows only: the stage-1 zero-shot filter rejected every pool row (online)")
-    table = pl_table if get_method(cfg.algorithm.name).pseudo_labels else None
+    table = pl_table
     ds, n_accepted = training_dataset(data_root, cfg, num_classes, table)
     return {"train": ds}, (f"labeled rows + {n_accepted} accepted pseudo-labeled rows" if table else
                            f"labeled rows only ({cfg.algorithm.name} trains on no pseudo-labels)")

@@ -190,6 +190,13 @@ def _cifar_origin(variant: str, files: tuple[str, ...], starts: np.ndarray, i: i
     return f"{variant}:{files[b]}:{i - int(starts[b])}"
 
 
+def _check_label_range(labels: np.ndarray, num_classes: int, message) -> None:
+    """A SourceError at the first label outside 0..num_classes-1; message(index, how many) says where and the fix."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise SourceError(message(int(bad[0]), len(bad)))
+
+
 def read_cifar(root: str | os.PathLike, split: str = "train", variant: str = "cifar10") -> Source:
     """Read CIFAR-10 or CIFAR-100 (fine labels) from the official python pickles.
 
@@ -225,13 +232,9 @@ def read_cifar(root: str | os.PathLike, split: str = "train", variant: str = "ci
                 f"{path}: '{label_key}' must be {len(data)} integers (one per image), got "
                 f"{lab.dtype} {lab.shape}; re-download the file from {_CIFAR_URL}."
             )
-        bad = np.flatnonzero((lab < 0) | (lab >= len(class_names)))
-        if len(bad):
-            raise SourceError(
-                f"{path}: record {bad[0]} has label {lab[bad[0]]}, outside the range "
-                f"0..{len(class_names) - 1} of the {len(class_names)} names in {meta_path}; "
-                f"check that the meta file belongs to the same dataset."
-            )
+        _check_label_range(lab, len(class_names), lambda i, n: (
+            f"{path}: record {i} has label {lab[i]}, outside the range 0..{len(class_names) - 1} of the "
+            f"{len(class_names)} names in {meta_path}; check that the meta file belongs to the same dataset."))
         datas.append(data)
         labels.append(lab.astype(np.int64))
 
@@ -434,13 +437,9 @@ def _labels_from_values(
         if class_names is None:
             # Without names the class count is the largest index seen plus one.
             class_names = [str(k) for k in range(int(ints.max()) + 1 if len(ints) else 0)]
-        bad = np.flatnonzero((ints < 0) | (ints >= len(class_names)))
-        if len(bad):
-            raise SourceError(
-                f"{_row_ref(path, int(bad[0]), is_csv)}: label {ints[bad[0]]} is outside the range "
-                f"0..{len(class_names) - 1} of the {len(class_names)} classes; fix the label or the "
-                f"class_names list ({len(bad)} rows affected)."
-            )
+        _check_label_range(ints, len(class_names), lambda i, n: (
+            f"{_row_ref(path, i, is_csv)}: label {ints[i]} is outside the range 0..{len(class_names) - 1} of the "
+            f"{len(class_names)} classes; fix the label or the class_names list ({n} rows affected)."))
         return ints, list(class_names)
 
     if not all(isinstance(v, str) for v in values):

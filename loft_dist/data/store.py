@@ -243,6 +243,25 @@ def read_dataset_info(root: str) -> dict:
     return info
 
 
+def load_run_config(run_dir: Path) -> dict:
+    """config.yaml as a plain dict ({} when absent: a report still works from metrics alone)."""
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(p)) or {}
+
+
+def find_dataset_info(run_dir: Path, cfg: dict) -> dict | None:
+    """dataset.json of the run: data.root when set, else <run dir>/data (config's empty root means that)."""
+    root = (cfg.get("data") or {}).get("root") or ""
+    for d in ([Path(root)] if root else []) + [Path(run_dir) / "data"]:
+        if (d / "dataset.json").is_file():
+            return json.loads((d / "dataset.json").read_text())
+    return None
+
+
 def shard_paths(root: str, split: str) -> list[str]:
     """The split's shard files, sorted, spelt like the root (local paths, or URIs for a URI root)."""
     fs, base = resolve_root(root)

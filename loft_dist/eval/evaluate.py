@@ -1,30 +1,27 @@
-"""Per-round evaluation: the actor pool predicts the test (and OOD test) split, then metrics.json is written."""
+"""Per-round evaluation: metrics.json from the predictions, pseudo-labels and train metrics a round wrote.
+
+It reads outputs only and starts no job: the round driver scores the test (and OOD test) split first.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from loft_dist.data.pseudo_labels import is_complete, read_columns
-from loft_dist.data.quarantine import quarantine
-from loft_dist.data.store import split_exists, write_json_atomic
+from loft_dist.data.store import write_json_atomic
 from loft_dist.eval.metrics import classification_metrics, ood_metrics, pseudo_label_metrics
 
+PREDICTION_COLUMNS = ["true_label", "pred", "msp", "error"]
 
-def evaluate_round(cfg, data_root: str, round_dir: Path, *, classes: list[str], labeled_counts: list[int],
-                   round_idx: int, checkpoint: str | None, mode: str) -> dict:
-    from loft_dist.scoring.job import score_split
 
-    run_dir = round_dir.parent.parent
-    preds = {}
-    for split in ("test", "ood_test"):
-        if split == "ood_test" and not split_exists(data_root, split):
-            continue
-        out = round_dir / "predictions" / split
-        score_split(cfg, data_root, split, str(out), class_names=classes, mode=mode, checkpoint=checkpoint)
-        quarantine(out, run_dir, split)
-        preds[split] = read_columns(out, ["true_label", "pred", "msp", "error"])
+def evaluate_round(cfg, round_dir: Path, *, classes: list[str], labeled_counts: list[int], round_idx: int,
+                   mode: str) -> dict:
+    """round_dir/predictions/test (required) and /ood_test (when scored) → round_dir/metrics.json."""
+    preds = {split: read_columns(round_dir / "predictions" / split, PREDICTION_COLUMNS)
+             for split in ("test", "ood_test") if split == "test" or is_complete(round_dir / "predictions" / split)}
     t = preds["test"]
     ok = t["error"] == ""
     e = cfg.eval
@@ -48,8 +45,6 @@ def evaluate_round(cfg, data_root: str, round_dir: Path, *, classes: list[str], 
                 metrics["pool_ood"]["zs_msp"] = ood_metrics(pl["zs_msp"][~is_ood], pl["zs_msp"][is_ood])
     train = round_dir / "train_metrics.json"
     if train.is_file():
-        import json
-
         metrics["train"] = json.loads(train.read_text())
     write_json_atomic(round_dir / "metrics.json", metrics)
     return metrics

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loft_dist.algorithms.loft import DECISIONS  # noqa: E402 - one vocabulary of decisions
+from loft_dist.data.decisions import DECISIONS  # noqa: E402 - one vocabulary of decisions
 ACCEPTED = ("hard", "soft")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from loft_dist.data.pseudo_labels import is_complete, read_columns, table_files
 from loft_dist.data.quarantine import quarantined_counts
-from loft_dist.data.store import write_json_atomic
+from loft_dist.data.store import find_dataset_info, load_run_config, write_json_atomic
 from loft_dist.errors import StorageError
 from loft_dist.eval import plots
 
@@ -46,25 +46,6 @@ def _pct(v) -> str:
 def load_rounds(run_dir: Path) -> list[dict]:
     files = sorted((Path(run_dir) / "rounds").glob("r*/metrics.json"), key=lambda p: int(p.parent.name[1:]))
     return [json.loads(p.read_text()) for p in files]
-
-
-def load_run_config(run_dir: Path) -> dict:
-    """config.yaml as a plain dict ({} when absent: a report still works from metrics alone)."""
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(p)) or {}
-
-
-def find_dataset_info(run_dir: Path, cfg: dict) -> dict | None:
-    """dataset.json of the run: data.root when set, else <run dir>/data (config's empty root means that)."""
-    root = (cfg.get("data") or {}).get("root") or ""
-    for d in ([Path(root)] if root else []) + [Path(run_dir) / "data"]:
-        if (d / "dataset.json").is_file():
-            return json.loads((d / "dataset.json").read_text())
-    return None
 
 
 def _finite(obj):

@@ -1,7 +1,8 @@
 """Checkpoint format shared by training, scoring and export (DESIGN §3), loadable without Ray.
 
 <dir>/adapter/{adapter_config.json, adapter_model.safetensors} (lora: peft's format; other methods: ours, see
-models/adapters.py; none: no adapter dir), <dir>/head.safetensors, <dir>/train_state.json.
+models/adapters.py; none: no adapter dir), <dir>/head.safetensors, <dir>/train_state.json, and from training
+<dir>/deepspeed/ (DeepSpeed's engine state).
 Everything is read with safetensors; nothing is unpickled.
 """
 
@@ -18,6 +19,8 @@ from loft_dist.models.clip import ClipClassifier, build_classifier
 
 HEAD_FILE = "head.safetensors"
 STATE_FILE = "train_state.json"
+# DeepSpeed's own checkpoint (optimizer state for an exact resume): training writes it, export leaves it out.
+DS_DIR = "deepspeed"
 
 
 def save_weights(model: ClipClassifier, directory: str | Path, state: dict | None = None) -> None:

@@ -51,8 +51,6 @@ def create_clip(name: str, pretrained: str = "", force_quick_gelu: bool = False)
         tags = open_clip.list_pretrained_tags_by_model(name)
         if source not in tags:
             raise ConfigError(f"model.pretrained={source!r} is not a pretrained tag of {name}; tags: {', '.join(tags) or 'none'}")
-        # Offline, the hub client retries for ~46 s before failing; fail at once instead (only the cache is used).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return open_clip.create_model(name, pretrained=source, force_quick_gelu=force_quick_gelu)
     except (RuntimeError, OSError, ValueError) as e:

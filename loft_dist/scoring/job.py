@@ -184,6 +184,15 @@ def _stage_image_folder(folder: Path, staging: Path, rows_per_shard: int) -> lis
     return shard_paths(str(staging.parent), staging.name)
 
 
+def scoring_ask(cfg):
+    """What the scoring pool's first actors ask of the cluster (runtime.check_fits)."""
+    from loft_dist.runtime import Ask
+
+    s = cfg.scoring
+    return Ask("scoring", s.min_actors, "actor", {"CPU": s.cpus_per_actor, "GPU": s.gpus_per_actor, **s.custom_resources},
+               s.cpus_per_data_task, ("scoring.min_actors", "scoring.cpus_per_actor", "scoring.cpus_per_data_task"))
+
+
 def run_score_job(cfg) -> int:
     """`loft-dist score`: pseudo-label an arbitrary pool with a checkpoint; resumable chunk by chunk."""
     from loft_dist.runtime import check_fits, init_ray
@@ -203,7 +212,7 @@ def run_score_job(cfg) -> int:
     else:
         raise StorageError(f"scoring.input={s.input} does not exist")
     class_names = _class_names(cfg, s.checkpoint)
-    check_fits(cfg, train=False, strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
+    check_fits([scoring_ask(cfg)], strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
     return score_shards(cfg, paths, str(Path(s.output).resolve()), class_names=class_names,
                         mode="teacher" if s.checkpoint else "zero_shot",
                         checkpoint=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, label="pool")

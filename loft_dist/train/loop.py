@@ -24,11 +24,10 @@ import torch
 from loft_dist.algorithms import after_step, load_model, logits_for, save_model, training_loss
 from loft_dist.algorithms.loft import HARD, LABELED, SOFT, pseudo_label_decision
 from loft_dist.config import from_dict
-from loft_dist.data.pseudo_labels import IGNORED
-from loft_dist.models.checkpoint import STATE_FILE
+from loft_dist.data.decisions import IGNORED
+from loft_dist.models.checkpoint import DS_DIR, STATE_FILE
 from loft_dist.train.deepspeed_config import build_engine
 
-DS_DIR = "deepspeed"
 
 
 def cosine_lr(base_lr: float, epoch: int, total_epochs: int) -> float:
@@ -129,23 +128,95 @@ def restore(checkpoint, engine, optimizer, params) -> tuple[int, dict, dict]:
     return saved["epoch"] + 1, saved.get("loss_by_epoch", {}), record
 
 
+def _train_epoch(engine, shard, pool, cfg, prior, in_dtype) -> dict[str, float]:
+    """One pass over this rank's labeled shard (online: each step beside mu x B pool rows); the sums of every loss
+    part and count over its steps."""
+    a, device = cfg.algorithm, engine.device
+    sums: dict[str, float] = {}
+    t_ready = time.perf_counter()
+    for batch in _batches(shard, cfg.train.micro_batch_size, cfg.train):
+        t_start = time.perf_counter()
+        if pool is not None:
+            out, code, target, weight, soft = online_batch(engine, a, batch, next(pool), device, in_dtype)
+        else:
+            out = _float(engine(batch["image"].to(device, dtype=in_dtype)))
+            code, target = batch["code"].to(device), batch["target"].to(device)
+            weight, soft = batch["weight"].to(device), batch["soft"].to(device)
+        loss, parts = training_loss(a, out, code, target, weight, soft, prior)
+        engine.backward(loss)
+        engine.step()
+        after_step(a, engine.module, out, code, target, soft)
+        t_done = time.perf_counter()  # step time vs data wait: what the benchmarks compare with a plain loop
+        counts = {"steps": 1.0, "compute_s": t_done - t_start, "data_wait_s": t_start - t_ready,
+                  "ignored_rows": float((code == IGNORED).sum()), "pool_rows": float((code != LABELED).sum()),
+                  "hard_rows": float((code == HARD).sum()), "soft_rows": float((code == SOFT).sum())}
+        for k, v in {**parts, **counts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        t_ready = time.perf_counter()
+    return sums
+
+
+def _group_metrics(sums: dict[str, float], loss_by_epoch: dict, online: bool) -> dict:
+    """An epoch's metrics over the whole group, not rank 0 alone (every rank has the same keys: same method, same
+    loop); appends its losses to loss_by_epoch."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(totals)
+    t = dict(zip(keys, totals.tolist()))
+    steps = max(t.get("steps", 0.0), 1.0)
+    losses = {k: v / steps for k, v in t.items() if k.startswith("loss")}
+    for k, v in losses.items():  # every loss part's curve over the round's epochs: what "it learns" is read from
+        loss_by_epoch.setdefault(k, []).append(v)
+    metrics = {**losses, "loss_by_epoch": loss_by_epoch, "steps_all_ranks": int(t.get("steps", 0)),
+               "ignored_rows": int(t.get("ignored_rows", 0)), "step_time_s": t.get("compute_s", 0.0) / steps,
+               "data_wait_s": t.get("data_wait_s", 0.0) / steps}
+    if online:  # what the per-step decisions admitted, over every pool row the student saw this epoch
+        pool_rows = max(t.get("pool_rows", 0.0), 1.0)
+        metrics.update({"pool_rows_seen": int(t.get("pool_rows", 0)), "hard_share": t.get("hard_rows", 0.0) / pool_rows,
+                        "soft_share": t.get("soft_rows", 0.0) / pool_rows})
+    return metrics
+
+
+def _report(engine, model, params, metrics: dict, state: dict) -> None:
+    """ray.train.report of an epoch with its checkpoint: every rank writes its DeepSpeed shard (optimizer state for
+    exact resume), rank 0 the plain weights and train_state.json."""
+    import deepspeed
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state", exclude_frozen_parameters=True)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if ray.train.get_context().get_world_rank() == 0:
+                save_model(model, tmp, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _join_group(cfg) -> tuple[int, list]:
+    """Join the process group; this worker's rank and the Ray node of every rank (kept in the metrics and
+    train_state.json, so where training ran is checkable)."""
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    rank = ray.train.get_context().get_world_rank()
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    torch.manual_seed(cfg.run.seed * 1000 + rank)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    worker_nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
+    return rank, worker_nodes
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     a = cfg.algorithm
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
     import ray.train
-    import torch.distributed as dist
 
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
-    torch.manual_seed(cfg.run.seed * 1000 + rank)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    # The Ray node of every rank, kept in the metrics and train_state.json: where training ran is checkable.
-    worker_nodes = [None] * dist.get_world_size()
-    dist.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
+    rank, worker_nodes = _join_group(cfg)
 
     # --- model, optimizer, engine
     model = load_model(cfg, config["class_names"], config["init_checkpoint"]).train()
@@ -173,62 +244,19 @@ def train_loop_per_worker(config: dict) -> None:
     epochs, offset, total = cfg.train.epochs_per_round, config["epoch_offset"], config["total_epochs"]
     tracker = None
     if rank == 0 and config.get("tracking_dir"):
-        from loft_dist.eval.tracking import Tracker
+        from loft_dist.tracking import Tracker
 
         tracker = Tracker(config["tracking_dir"])
     for epoch in range(start_epoch, epochs):
         lr = cosine_lr(cfg.train.lr, offset + epoch, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums: dict[str, float] = {}
-        t_ready = time.perf_counter()
-        for batch in _batches(shard, cfg.train.micro_batch_size, cfg.train):
-            t_start = time.perf_counter()
-            if online:
-                out, code, target, weight, soft = online_batch(engine, a, batch, next(pool), device, in_dtype)
-            else:
-                out = _float(engine(batch["image"].to(device, dtype=in_dtype)))
-                code, target = batch["code"].to(device), batch["target"].to(device)
-                weight, soft = batch["weight"].to(device), batch["soft"].to(device)
-            loss, parts = training_loss(a, out, code, target, weight, soft, prior)
-            engine.backward(loss)
-            engine.step()
-            after_step(a, engine.module, out, code, target, soft)
-            pool_rows = code != LABELED
-            t_done = time.perf_counter()  # step time vs data wait: what the benchmarks compare with a plain loop
-            counts = {"steps": 1.0, "compute_s": t_done - t_start, "data_wait_s": t_start - t_ready,
-                      "ignored_rows": float((code == IGNORED).sum()),
-                      "pool_rows": float(pool_rows.sum()), "hard_rows": float((code == HARD).sum()),
-                      "soft_rows": float((code == SOFT).sum())}
-            for k, v in {**parts, **counts}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            t_ready = time.perf_counter()
-        # Metrics of the whole group, not of rank 0 alone (every rank has the same keys: same method, same loop).
-        keys = sorted(sums)
-        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(totals)
-        t = dict(zip(keys, totals.tolist()))
-        steps = max(t.get("steps", 0.0), 1.0)
-        losses = {k: v / steps for k, v in t.items() if k.startswith("loss")}
-        for k, v in losses.items():  # every loss part's curve over the round's epochs: what "it learns" is read from
-            loss_by_epoch.setdefault(k, []).append(v)
-        metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr, **losses, "loss_by_epoch": loss_by_epoch,
-                   "steps_all_ranks": int(t.get("steps", 0)), "ignored_rows": int(t.get("ignored_rows", 0)),
-                   "step_time_s": t.get("compute_s", 0.0) / steps, "data_wait_s": t.get("data_wait_s", 0.0) / steps,
-                   "worker_nodes": worker_nodes}
-        if online:  # what the per-step decisions admitted, over every pool row the student saw this epoch
-            metrics.update({"pool_rows_seen": int(t["pool_rows"]), "hard_share": t["hard_rows"] / max(t["pool_rows"], 1),
-                            "soft_share": t["soft_rows"] / max(t["pool_rows"], 1)})
-
-        with tempfile.TemporaryDirectory() as tmp:
-            # Every rank writes its DeepSpeed shard (optimizer state for exact resume); rank 0 the plain weights.
-            engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state", exclude_frozen_parameters=True)
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if rank == 0:
-                    state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
-                    save_model(model, tmp, {**state, "restored": restored} if restored else state)
-            restored = None  # only the first checkpoint after a resume carries the record
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        sums = _train_epoch(engine, shard, pool, cfg, prior, in_dtype)
+        metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
+                   **_group_metrics(sums, loss_by_epoch, online), "worker_nodes": worker_nodes}
+        state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
+        _report(engine, model, params, metrics, {**state, "restored": restored} if restored else state)
+        restored = None  # only the first checkpoint after a resume carries the record
         if tracker is not None:
             tracker.log_epoch(config["round_idx"], offset + epoch, metrics)
     if tracker is not None:

@@ -21,6 +21,15 @@ def worker_resources(t) -> dict:
     return resources
 
 
+def training_ask(cfg):
+    """What a round's training asks of the cluster (runtime.check_fits)."""
+    from loft_dist.runtime import Ask
+
+    t = cfg.train
+    return Ask("training", t.num_workers, "worker", worker_resources(t), t.cpus_per_data_task,
+               ("train.num_workers", "train.cpus_per_worker", "train.cpus_per_data_task"))
+
+
 def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init_checkpoint: str | None,
               round_idx: int, storage_path: str, out_dir: str, tracking_dir: str | None = None) -> dict:
     """Train one round on `train_ds` with Ray Train workers running DeepSpeed; copy the last checkpoint to out_dir."""

@@ -7,7 +7,7 @@ Tracking is a side channel: a missing package or an unreachable server costs one
 
 Params: the driver logs the run's resolved config once per start (`run.seed`, `train.lr`, … as strings);
 environment variables are never logged. A resumed run keeps the params of its first start: MLflow refuses
-to change a logged param, and only where-it-runs keys (rounds.RESUMABLE_KEYS) may change on resumption.
+to change a logged param, and only where-it-runs keys (config.resumable_keys()) may change on resumption.
 
 Tags: a round's metrics under their own path (`test/accuracy`, `pseudo_labels/precision`, step = round);
 a training epoch's under `epoch/` (`epoch/loss`, step = global epoch over all rounds).

@@ -1,4 +1,4 @@
-"""loft_dist.eval.tracking: scalars flattened, written to TensorBoard and a real MLflow store, harmless when absent."""
+"""loft_dist.tracking: scalars flattened, written to TensorBoard and a real MLflow store, harmless when absent."""
 
 import json
 import logging
@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from loft_dist.config import Config, to_dict
-from loft_dist.eval import tracking
-from loft_dist.eval.tracking import Tracker, flatten_params, flatten_scalars
-from loft_dist.rounds import RESUMABLE_KEYS
+from loft_dist import tracking
+from loft_dist.config import Config, resumable_keys, to_dict
+from loft_dist.tracking import Tracker, flatten_params, flatten_scalars
 
 ROUND_METRICS = {
     "round": 1, "model": "checkpoint of round 1",
@@ -57,7 +56,7 @@ def test_tensorboard_scalars_by_round_and_epoch(tmp_path):
 
 def test_without_tensorboard_one_warning_and_no_files(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
-    with caplog.at_level(logging.WARNING, logger="loft_dist.eval.tracking"):
+    with caplog.at_level(logging.WARNING, logger="loft_dist.tracking"):
         for _ in range(3):
             t = Tracker(tmp_path)
             t.log_round(1, ROUND_METRICS)
@@ -106,7 +105,7 @@ def test_mlflow_params_metrics_and_one_run_across_a_resume(tmp_path, mlflow_stor
     monkeypatch.setattr(MlflowClient, "log_batch", counting)
     cfg = to_dict(Config())
     t = Tracker(run_dir)
-    sent = t.log_params(cfg, RESUMABLE_KEYS)
+    sent = t.log_params(cfg, resumable_keys())
     assert len(sent) > 100 and max(batches) <= 100 and sum(batches) == len(sent)
     t.log_round(0, {**ROUND_METRICS, "test": {**ROUND_METRICS["test"], "accuracy": 0.25}})
     t.log_round(1, ROUND_METRICS)
@@ -119,7 +118,7 @@ def test_mlflow_params_metrics_and_one_run_across_a_resume(tmp_path, mlflow_stor
     # the resumed driver: same config (one resumable key moved elsewhere) joins the same MLflow run
     cfg["run"]["ray_address"] = "ray://head:10001"
     t2 = Tracker(run_dir)
-    assert t2.log_params(cfg, RESUMABLE_KEYS) == {}
+    assert t2.log_params(cfg, resumable_keys()) == {}
     t2.log_round(2, {"test": {"accuracy": 0.75}})
     t2.close(finished=True)
 
@@ -141,7 +140,7 @@ def test_a_changed_param_costs_a_warning_not_the_run(tmp_path, mlflow_store, cap
     long = {"classes": "y" * 7000}  # over MLflow's limit: logged cut, and a resume must not see it as changed
     Tracker(tmp_path).log_params({"train": {"lr": 0.1}, "data": long})
     t = Tracker(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="loft_dist.eval.tracking"):
+    with caplog.at_level(logging.WARNING, logger="loft_dist.tracking"):
         assert t.log_params({"train": {"lr": 0.2, "epochs": 3}, "data": long}) == {"train.epochs": "3"}
     t.log_round(1, ROUND_METRICS)  # still logging
     run = mlflow_store.get_run(run_id_of(tmp_path))
@@ -155,7 +154,7 @@ def test_mlflow_not_used_without_tracking_uri(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # where MLflow's default store, ./mlruns, would appear
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with caplog.at_level(logging.WARNING, logger="loft_dist.eval.tracking"):
+    with caplog.at_level(logging.WARNING, logger="loft_dist.tracking"):
         t = Tracker(tmp_path / "exp")
         assert t.log_params({"run": {"seed": 0}}) == {}
         t.log_round(1, ROUND_METRICS)
@@ -168,7 +167,7 @@ def test_without_mlflow_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    with caplog.at_level(logging.WARNING, logger="loft_dist.eval.tracking"):
+    with caplog.at_level(logging.WARNING, logger="loft_dist.tracking"):
         for _ in range(2):
             t = Tracker(tmp_path)
             assert t.log_params({"run": {"seed": 0}}) == {}
@@ -189,7 +188,7 @@ def test_an_unreachable_mlflow_server_costs_a_warning_not_the_run(tmp_path, monk
     if resumed:
         (tmp_path / "mlflow_run.json").write_text(json.dumps({"run_id": "0123abcd", "experiment_id": "1"}))
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="loft_dist.eval.tracking"):
+    with caplog.at_level(logging.WARNING, logger="loft_dist.tracking"):
         t = Tracker(tmp_path)
         assert t.log_params({"run": {"seed": 0}}) == {}
         t.log_round(1, ROUND_METRICS)
