@@ -66,3 +66,20 @@ def test_loft_loss_combines_terms_normalised_by_unlabeled_count():
     assert math.isclose(parts["loss_hard"], l_hard, rel_tol=1e-5)
     assert math.isclose(parts["loss_soft"], l_soft, rel_tol=1e-5)
     assert math.isclose(float(loss), l_s + 3 * l_hard + l_soft, rel_tol=1e-5)
+
+
+def test_stage1_kept_ids_read_the_zero_shot_table(tmp_path):
+    """Online LoFT-OW's pool is the round-0 rows whose zero-shot MSP passes zs_threshold; the filter off keeps all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from loft_dist.algorithms.loft import stage1_kept_ids
+    from loft_dist.config import load_config
+
+    pq.write_table(pa.table({"id": [5, 7, 9, 11], "zs_msp": [0.9, 0.59, 0.6, 0.1]}), tmp_path / "part-0.parquet")
+    (tmp_path / "_SUCCESS").write_text("{}")
+    ow = load_config(None, ["algorithm.name=loft_ow", "algorithm.mode=online"])  # zs_threshold 0.6, keep above
+    assert sorted(stage1_kept_ids(str(tmp_path), ow).tolist()) == [5, 9]
+    below = load_config(None, ["algorithm.name=loft_ow", "algorithm.mode=online", "algorithm.zs_keep=below"])
+    assert sorted(stage1_kept_ids(str(tmp_path), below).tolist()) == [7, 11]
+    assert stage1_kept_ids(str(tmp_path), load_config(None, ["algorithm.mode=online"])) is None  # loft: no filter
