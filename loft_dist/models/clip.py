@@ -6,6 +6,7 @@ training code, so a checkpoint can be used for inference anywhere.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -17,30 +18,43 @@ from loft_dist.errors import ConfigError, WeightsError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-_registered = False
 
 
 class MissingWeightsError(WeightsError):
     """Pretrained weights are not available offline; the message says what to place where."""
 
 
+@functools.cache
 def _register_configs() -> None:
-    global _registered
-    if not _registered:
-        import open_clip
+    """Our model configs join open_clip's registry once per process, on first use (also in Ray workers)."""
+    import open_clip
 
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-        _registered = True
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def check_model_name(name: str) -> None:
+    """A ConfigError unless `name` is an open_clip model or one of MODEL_CONFIG_DIR's; cheap (no model is built), so
+    `runtime.preflight` and `loft-dist score` call it before Ray starts, instead of an actor failing on it."""
+    import difflib
+
+    _register_configs()
+    import open_clip
+
+    models = open_clip.list_models()
+    if name in models:
+        return
+    lower = {m.lower(): m for m in models}
+    close = [lower[m] for m in difflib.get_close_matches(str(name).lower().replace("/", "-"), list(lower), n=3)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else "."
+    raise ConfigError(f"model.name={name!r} is neither an open_clip model nor a config in {MODEL_CONFIG_DIR}{hint} "
+                      f"Set model.name to one of open_clip.list_models() (e.g. ViT-B-16), or add <name>.json there")
 
 
 def create_clip(name: str, pretrained: str = "", force_quick_gelu: bool = False):
     """An open_clip model: random init (pretrained=""), a local weights file, or a pretrained tag from the cache."""
-    _register_configs()
+    check_model_name(name)
     import open_clip
 
-    if name not in open_clip.list_models():
-        raise ConfigError(f"model.name={name!r} is not an open_clip model; e.g. ViT-B-16, ViT-B-16-quickgelu, "
-                         f"or a config in {MODEL_CONFIG_DIR}")
     source = pretrained or None
     if source and (source.endswith(WEIGHT_SUFFIXES) or os.sep in source):
         if not Path(source).is_file():
