@@ -97,20 +97,24 @@ def _score(cfg) -> int:
 
     rows = run_score_job(cfg)
     bad = error_kinds(read_columns(cfg.scoring.output, ["error"])["error"])
-    unread = f"; {sum(bad.values())} could not be read and are marked rejected with their reason in the " \
-             f"`error` column ({', '.join(f'{k}: {n}' for k, n in bad.items())})" if bad else ""
+    unread = f"; {_unread(bad)} and are marked rejected with their reason in the `error` column" if bad else ""
     print(f"done: {rows} rows in {cfg.scoring.output}{unread}")
     return 0
 
 
+def _unread(kinds: dict[str, int]) -> str:
+    """How many rows could not be read, by error kind: the tail of every command's summary line."""
+    return f"{sum(kinds.values())} could not be read ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
+
+
 def _run(cfg) -> int:
-    from loft_dist.data.quarantine import quarantined_counts
+    from loft_dist.data.quarantine import quarantined_kinds
     from loft_dist.rounds import run
 
     final = run(cfg)
     acc = final["final"]["test"]["accuracy"]
-    bad = quarantined_counts(cfg.run_dir)
-    unread = f" — {sum(bad.values())} unreadable images quarantined ({cfg.run_dir}/quarantine/)" if bad else ""
+    bad = quarantined_kinds(cfg.run_dir)
+    unread = f" — {_unread(bad)} and are quarantined in {cfg.run_dir}/quarantine/" if bad else ""
     print(f"done: {cfg.run_dir} — final test accuracy {100 * acc:.1f}%{unread} — report {cfg.run_dir}/report/report.md")
     return 0
 

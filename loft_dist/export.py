@@ -76,6 +76,21 @@ def _headline(m: dict) -> dict:
     return out
 
 
+def _round_to_export(run_dir: Path, round_idx: int | None) -> int:
+    """round_idx when it completed with a checkpoint (default: the last that did); a one-line error otherwise."""
+    from loft_dist.config import ConfigError
+
+    rounds = completed_rounds(run_dir)
+    if not rounds:
+        raise StorageError(f"{run_dir} has no completed round with a checkpoint (rounds/r<k>/checkpoint, k >= 1); "
+                           f"round 0 is zero-shot CLIP and is not exported")
+    r = rounds[-1] if round_idx is None else round_idx
+    if r not in rounds:
+        raise ConfigError(f"--round={r} is not allowed: completed rounds of {run_dir} with a checkpoint are "
+                          f"{', '.join(map(str, rounds))}")
+    return r
+
+
 def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None = None) -> Path:
     """Copy round `round_idx` (default: the last completed) of a run into `out_dir` with export.json and a
     model card. An existing `out_dir` is replaced only when it is empty or an earlier export."""
@@ -86,14 +101,7 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
     run_dir, out = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
         raise StorageError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a loft_dist run dir")
-    rounds = completed_rounds(run_dir)
-    if not rounds:
-        raise StorageError(f"{run_dir} has no completed round with a checkpoint (rounds/r<k>/checkpoint, k >= 1); "
-                                f"round 0 is zero-shot CLIP and is not exported")
-    r = rounds[-1] if round_idx is None else round_idx
-    if r not in rounds:
-        raise ConfigError(f"--round={r} is not allowed: completed rounds of {run_dir} with a checkpoint are "
-                          f"{', '.join(map(str, rounds))}")
+    r = _round_to_export(run_dir, round_idx)
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
         raise ConfigError(f"--out={out} is not allowed: it exists, is not empty and is not a loft_dist export; "
                           f"choose a new directory")
@@ -120,7 +128,11 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
         "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"--out={out}: cannot create a directory there ({e.strerror or e}); choose a writable "
+                          f"directory") from e
     try:
         for item in ckpt.iterdir():
             if item.name == DS_DIR:  # optimizer state for exact resume: large, and useless for inference

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from loft_dist.config import Config, ConfigError, resumable_keys, to_dict, to_yaml
 from loft_dist.data.store import read_dataset_info, write_json_atomic
+from loft_dist.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,11 @@ def _score(ctx: RunContext, r: int) -> None:
     from loft_dist.data.quarantine import quarantine
     from loft_dist.scoring.job import score_split
 
+    if ctx.num_rounds and not ctx.info["rows"]["unlabeled"]:  # before Ray starts: round 1's teacher would fail on it
+        raise DataError(f"the pool (unlabeled split) of data.root={ctx.root} is empty, and every round of "
+                        f"algorithm.name={ctx.cfg.algorithm.name} scores it; give it images (data.m1 > 0 for "
+                        f"data.protocol=lt, data.labeled_percent < 100 for percent, or OOD images: data.ood_ratio, "
+                        f"data.ood_count), or set rounds.num_rounds=0 to evaluate zero-shot only")
     ctx.ray()
     table = ctx.round_dir(r) / "pseudo_labels"
     rows = score_split(ctx.cfg, ctx.root, "unlabeled", str(table), class_names=ctx.info["class_names"],
@@ -176,6 +182,25 @@ def _evaluate(ctx: RunContext, r: int) -> None:
 STEPS = {"prepare": _prepare, "score": _score, "train": _train, "eval": _evaluate}
 
 
+def _check_phase_outputs(ctx: RunContext, done: list[Phase]) -> None:
+    """The tables of the phases state.json records complete are whole (_SUCCESS), or the phases after them would read
+    part of one (a run dir copied without its _SUCCESS markers, files deleted). Checked before Ray starts."""
+    from loft_dist.data.pseudo_labels import SUCCESS, is_complete
+
+    for p in done:
+        rd = ctx.round_dir(p.round)
+        ood = rd / "predictions" / "ood_test"  # where the dataset has one
+        tables = {"score": [rd / "pseudo_labels"],
+                  "eval": [rd / "predictions" / "test"] + ([ood] if ood.exists() else [])}.get(p.step, [])
+        for t in tables:
+            if not is_complete(t):
+                raise StorageError(
+                    f"{t} has no {SUCCESS}, yet {ctx.run_dir / 'state.json'} records phase {p.name} complete: the "
+                    f"table is partial (copied without its {SUCCESS} marker, or files removed) and later phases would "
+                    f"read it. Restore it from the original run dir, or delete {p.name!r} and every phase after it "
+                    f"from state.json to redo them")
+
+
 def run(cfg: Config) -> dict:
     """Run (or resume) every phase of the table; returns the report's summary."""
     from loft_dist.algorithms import get_method
@@ -195,7 +220,9 @@ def run(cfg: Config) -> dict:
     log.info("run %s: %d rounds, %d of %d phases to do%s", run_dir, R, len(todo), len(table),
              f" (resuming after {state.done[-1]})" if state.done else "")
     root = cfg.data_root if "://" in cfg.data_root else str(Path(cfg.data_root).resolve())
-    ctx = RunContext(cfg, run_dir, root, R, tracker=Tracker(run_dir))  # TensorBoard (+ MLflow) beside the run
+    ctx = RunContext(cfg, run_dir, root, R)
+    _check_phase_outputs(ctx, [p for p in table if p.name in state.done])
+    ctx.tracker = Tracker(run_dir)  # TensorBoard (and MLflow when configured) beside the run's files
     ctx.tracker.log_params(to_dict(cfg), resumable=resumable_keys())
     try:
         for i, p in enumerate(todo):

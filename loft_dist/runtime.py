@@ -14,10 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def preflight(cfg) -> None:
-    """What can fail without Ray, checked before Ray starts: the run dir can be written, the weights file exists."""
-    from loft_dist.models.clip import WEIGHT_SUFFIXES, MissingWeightsError
+    """What can fail without Ray, checked before Ray starts: the run dir can be written, model.name is a model, the
+    weights file exists."""
+    from loft_dist.models.clip import WEIGHT_SUFFIXES, MissingWeightsError, check_model_name
 
     check_writable(cfg.run.storage_path, "run.storage_path")
+    check_model_name(cfg.model.name)
     p = cfg.model.pretrained
     if p and (p.endswith(WEIGHT_SUFFIXES) or os.sep in p) and not Path(p).is_file():
         raise MissingWeightsError(

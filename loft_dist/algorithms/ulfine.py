@@ -134,7 +134,8 @@ def load_ulfine(cfg, class_names: list[str], checkpoint: str | None) -> ULFineCl
         path = Path(checkpoint) / ULFINE_FILE
         if not path.is_file():
             raise WeightsError(f"{path} not found: {checkpoint} was not trained with algorithm.name=ulfine "
-                                    f"(it has no linear head)")
+                               f"(it has no linear head); use it with the algorithm.name it was trained with, or "
+                               f"use a checkpoint of a ulfine run")
         t = load_file(str(path))
         with torch.no_grad():
             model.linear.weight.copy_(t["linear.weight"])

@@ -75,5 +75,13 @@ def error_kinds(errors) -> dict[str, int]:
 
 
 def quarantined_counts(run_dir: str | Path) -> dict[str, int]:
+    """Quarantined rows of a run, by split."""
     d = Path(run_dir) / "quarantine"
     return {p.stem: sum(1 for _ in open(p)) for p in sorted(d.glob("*.jsonl"))} if d.is_dir() else {}
+
+
+def quarantined_kinds(run_dir: str | Path) -> dict[str, int]:
+    """Quarantined rows of a run, by error kind (over every split), most first."""
+    d = Path(run_dir) / "quarantine"
+    reasons = [json.loads(line)["reason"] for p in sorted(d.glob("*.jsonl")) for line in open(p)] if d.is_dir() else []
+    return error_kinds(reasons)

@@ -275,7 +275,8 @@ def read_image_folder(root: str | os.PathLike) -> Source:
     """Read a `root/<class>/<image>` tree (torchvision ImageFolder layout).
 
     Classes are the sub-directories sorted by name; images are found recursively inside each
-    and returned as their original file bytes. Hidden entries (".name") are skipped.
+    and returned as their original file bytes. Hidden entries (".name") are skipped, and so are files
+    beside the class directories; any other file in a class directory that is not an image is an error.
     """
     root = Path(root)
     if not root.is_dir():
@@ -292,8 +293,9 @@ def read_image_folder(root: str | os.PathLike) -> Source:
 
     paths: list[str] = []
     labels: list[int] = []
+    others: list[str] = []
     for label, class_dir in enumerate(class_dirs):
-        found = _find_images(class_dir)
+        found, other = _find_images(class_dir)
         if not found:
             raise SourceError(
                 f"class directory {class_dir} holds no images (extensions: "
@@ -301,6 +303,9 @@ def read_image_folder(root: str | os.PathLike) -> Source:
             )
         paths.extend(found)
         labels.extend([label] * len(found))
+        others.extend(other)
+    if others:
+        raise SourceError(not_images_message(others))
 
     return Source(
         class_names=[d.name for d in class_dirs],
@@ -310,25 +315,40 @@ def read_image_folder(root: str | os.PathLike) -> Source:
     )
 
 
-def _find_images(directory: Path) -> list[str]:
+def _find_images(directory: Path) -> tuple[list[str], list[str]]:
+    """(image files, other files) under `directory`; hidden entries (".name") are neither."""
     # Sorted at every level and never following hidden entries, so the order (and the ids built
     # from it) is the same on every machine.
-    found = []
+    found, others = [], []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and _is_image(f))
-    return found
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                (found if _is_image(f) else others).append(os.path.join(dirpath, f))
+    return found, others
+
+
+def not_images_message(others: list) -> str:
+    """An image folder's files that are not images would be left out unseen (neither read nor quarantined): say
+    which, and how to fix. Files with an image extension that do not decode are quarantined instead."""
+    more = f" (and {len(others) - 1} more such files)" if len(others) > 1 else ""
+    return (f"{others[0]} is not an image file{more}: only {', '.join(IMAGE_EXTENSIONS)} files are read, and "
+            f"nothing in an image folder is left out silently; move it out of the folder (or hide it: names "
+            f"starting with '.' are skipped), or convert it to one of those formats.")
 
 
 def read_image_files(root: str | os.PathLike) -> Source:
     """Every image under `root`, recursively, without classes (labels -1): an out-of-distribution pool
-    such as COCO's flat train2017/ directory, or an ImageFolder tree whose classes do not matter."""
+    such as COCO's flat train2017/ directory, or an ImageFolder tree whose classes do not matter. Hidden entries
+    (".name") are skipped; any other file that is not an image is an error."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"image directory {root} does not exist or is not a directory.")
-    paths = _find_images(root)
+    paths, others = _find_images(root)
     if not paths:
         raise SourceError(f"image directory {root} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)}).")
+    if others:
+        raise SourceError(not_images_message(others))
     return Source(
         class_names=[],
         labels=np.full(len(paths), -1, dtype=np.int64),

@@ -151,8 +151,9 @@ def load_adapter(visual: nn.Module, directory: str | Path) -> None:
     saved = _saved_config(d)
     saved_method = saved.get("method", "none")
     if saved_method != spec.method:
-        raise WeightsError(f"checkpoint {directory} holds a {saved_method!r} adapter but peft.method={spec.method!r}; "
-                         f"set peft to the config the checkpoint was trained with")
+        raise WeightsError(f"checkpoint {directory} holds a {saved_method!r} adapter but peft.method={spec.method!r}: "
+                           f"it was trained with another method; use it with the algorithm.name and peft.method it was "
+                           f"trained with (algorithm.name=lp implies peft.method=none, fft full)")
     if spec.method == "none":
         return
     weights = d / WEIGHTS_FILE

@@ -33,8 +33,8 @@ def _register_configs() -> None:
 
 
 def check_model_name(name: str) -> None:
-    """A ConfigError unless `name` is an open_clip model or one of MODEL_CONFIG_DIR's; cheap (no model is built), so
-    `runtime.preflight` and `loft-dist score` call it before Ray starts, instead of an actor failing on it."""
+    """A ConfigError unless `name` is an open_clip model or one of MODEL_CONFIG_DIR's. Cheap (no model is built):
+    `runtime.preflight` calls it before Ray starts, so that no actor or worker is the first to fail on it."""
     import difflib
 
     _register_configs()

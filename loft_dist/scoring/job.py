@@ -163,15 +163,21 @@ def _stage_image_folder(folder: Path, staging: Path, rows_per_shard: int) -> lis
     """An image folder → Parquet shards (ids = stable hash of the relative path), once; reused on re-runs."""
     import hashlib
 
-    from loft_dist.data.sources import IMAGE_EXTENSIONS
+    from loft_dist.data.sources import IMAGE_EXTENSIONS, not_images_message
     from loft_dist.data.store import write_split
 
     if (staging / SUCCESS).is_file():
         return shard_paths(str(staging.parent), staging.name)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files, others = [], []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            (files if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
     if not files:
         raise DataError(f"scoring.input={folder} holds no Parquet shards and no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)}); point it at a shard dir or an image folder")
+    others = [p for p in others if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    if others:  # neither scored nor quarantined, they would vanish from the output unseen
+        raise DataError(f"scoring.input={folder}: {not_images_message(others)}")
 
     def rows():
         for p in files:
@@ -195,12 +201,14 @@ def scoring_ask(cfg):
 
 def run_score_job(cfg) -> int:
     """`loft-dist score`: pseudo-label an arbitrary pool with a checkpoint; resumable chunk by chunk."""
-    from loft_dist.runtime import check_fits, init_ray
+    from loft_dist.algorithms import load_model
+    from loft_dist.runtime import check_fits, check_writable, init_ray
 
     s = cfg.scoring
     if not s.input or not s.output:
         raise ConfigError("set scoring.input (a dir of Parquet image shards, a prepared dataset dir, or an "
                                 "image folder) and scoring.output (the table dir to write)")
+    check_writable(s.output, "scoring.output")
     src = Path(s.input)
     if (src / "dataset.json").is_file():
         paths = shard_paths(str(src), "unlabeled")
@@ -212,6 +220,9 @@ def run_score_job(cfg) -> int:
     else:
         raise StorageError(f"scoring.input={s.input} does not exist")
     class_names = _class_names(cfg, s.checkpoint)
+    # The scorer's model, built once here before Ray starts: what would kill every scoring actor (an unknown
+    # model.name, a corrupt checkpoint or one of another method or classes) is one error line instead.
+    load_model(cfg, class_names, s.checkpoint or None)
     check_fits([scoring_ask(cfg)], strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
     return score_shards(cfg, paths, str(Path(s.output).resolve()), class_names=class_names,
                         mode="teacher" if s.checkpoint else "zero_shot",
@@ -220,14 +231,25 @@ def run_score_job(cfg) -> int:
 
 def _class_names(cfg, checkpoint: str) -> list[str]:
     from loft_dist.data.store import read_dataset_info
-    from loft_dist.models.checkpoint import STATE_FILE
+    from loft_dist.models.checkpoint import STATE_FILE, head_classes
 
     if checkpoint:
         state = Path(checkpoint) / STATE_FILE
         if not state.is_file():
             raise WeightsError(f"scoring.checkpoint={checkpoint} holds no {STATE_FILE}: not a loft_dist checkpoint "
                                     f"(use runs/<name>/rounds/r<k>/checkpoint)")
-        names = json.loads(state.read_text()).get("class_names")
+        try:
+            names = json.loads(state.read_text()).get("class_names")
+        except (ValueError, AttributeError) as e:
+            raise WeightsError(f"scoring.checkpoint={checkpoint}: {state} is not a JSON object ({e}): the checkpoint "
+                               f"is corrupt or was copied incompletely; copy it again from its run dir") from e
         if names:
             return names
-    return read_dataset_info(cfg.data_root)["class_names"]
+    names = read_dataset_info(cfg.data_root)["class_names"]
+    n = head_classes(checkpoint) if checkpoint else len(names)
+    if n != len(names):
+        raise WeightsError(f"scoring.checkpoint={checkpoint} names no class_names in {STATE_FILE} and its head has "
+                           f"{n} classes, but dataset.json of data.root={cfg.data_root} has {len(names)}: the "
+                           f"checkpoint was trained on other classes. Set data.root to the dataset it was trained on, "
+                           f"or add its \"class_names\" (in head order) to {state}")
+    return names

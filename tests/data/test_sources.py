@@ -216,7 +216,7 @@ def test_image_folder_png_and_jpeg(tmp_path):
         tmp_path / "cat" / "x.jpeg": _save(tmp_path / "cat" / "x.jpeg", img(), "JPEG"),
         tmp_path / "cat" / "sub" / "y.png": _save(tmp_path / "cat" / "sub" / "y.png", img(), "PNG"),
     }
-    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "cat" / ".DS_Store").write_text("hidden files are skipped")
     (tmp_path / "readme.md").write_text("root files are not classes")
 
     src = read_image_folder(tmp_path)
@@ -246,6 +246,22 @@ def test_image_folder_errors_name_the_dir(tmp_path):
     with pytest.raises(SourceError) as err:
         read_image_folder(tmp_path)
     assert str(tmp_path / "dog") in str(err.value) and "no images" in str(err.value)
+
+
+def test_image_folder_refuses_a_file_that_is_not_an_image(tmp_path):
+    """A file of a class (or OOD) directory that is neither read nor quarantined would vanish: it is an error naming
+    it. (A .jpg that is really text IS read, and quarantined when it fails to decode.)"""
+    for c in ("cat", "dog"):
+        _save(tmp_path / c / "a.png", np.zeros((4, 4, 3), np.uint8), "PNG")
+    (tmp_path / "dog" / "sub").mkdir()
+    (tmp_path / "dog" / "sub" / "notes.txt").write_text("x")
+    (tmp_path / "dog" / "labels.csv").write_text("x")
+    for read in (read_image_folder, read_image_files):
+        with pytest.raises(SourceError) as err:
+            read(tmp_path)
+        assert str(err.value).startswith(f"{tmp_path / 'dog' / 'labels.csv'} is not an image file (and 1 more such "
+                                         f"files): only .png, .jpg"), str(err.value)
+        assert "move it out of the folder" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------
