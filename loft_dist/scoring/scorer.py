@@ -8,19 +8,15 @@ their error kept, so the driver can quarantine them.
 
 from __future__ import annotations
 
-import glob
-import os
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from loft_dist.algorithms import inference_logits, load_model
 from loft_dist.algorithms.loft import DECISIONS, REJECTED, pseudo_label_decision, zero_shot_keep
 from loft_dist.config import from_dict
 from loft_dist.data.transforms import normalize
-from loft_dist.errors import DataError, StorageError
+from loft_dist.errors import DataError
 
 MODES = ("zero_shot", "teacher", "eval")
 PURPOSE = {"zero_shot": "zero_shot", "teacher": "pseudo_label", "eval": "test"}  # which logits a mode scores with
@@ -30,19 +26,15 @@ class ZeroShotLookup:
     """id → zero-shot MSP from the round-0 table (two columns, sorted; ~12 bytes per pool image)."""
 
     def __init__(self, table_dir: str):
-        files = sorted(glob.glob(os.path.join(table_dir, "*.parquet")))
-        if not files:
-            raise StorageError(f"no round-0 zero-shot table in {table_dir}")
-        parts = [pq.read_table(f, columns=["id", "zs_msp"]) for f in files]
-        ids = np.concatenate([p.column("id").to_numpy() for p in parts])
-        vals = np.concatenate([p.column("zs_msp").to_numpy() for p in parts])
-        order = np.argsort(ids)
-        self.ids, self.vals = ids[order], vals[order].astype(np.float32)
+        from loft_dist.data.pseudo_labels import read_columns
+
+        z = read_columns(table_dir, ["id", "zs_msp"])  # a complete table only: it raises without _SUCCESS
+        order = np.argsort(z["id"])
+        self.ids, self.vals = z["id"][order].astype(np.int64), z["zs_msp"][order].astype(np.float32)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(self.ids, ids)
-        pos = np.clip(pos, 0, len(self.ids) - 1)
-        missing = self.ids[pos] != ids
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(len(self.ids) - 1, 0))
+        missing = self.ids[pos] != ids if len(self.ids) else np.ones(len(ids), bool)
         if missing.any():
             raise DataError(f"{int(missing.sum())} pool ids (e.g. {ids[missing][:3].tolist()}) are not in the round-0 "
                            f"zero-shot table; the pool changed since round 0 — start a new run")
