@@ -46,6 +46,9 @@ def made(tmp_path_factory) -> Path:
     for name, classes in (("ckpt", [f"c{i}" for i in range(10)]), ("ckpt3", ["a", "b", "c"])):
         save_model(load_model(cfg, classes, None), t / name, {"epoch": 0, "class_names": classes})
     (t / "ckpt3" / "train_state.json").write_text(json.dumps({"epoch": 0}))  # as old checkpoints: no class names
+    classes = [f"c{i}" for i in range(10)]
+    save_model(load_model(load_config(TINY, DATA + ["algorithm.name=ulfine"]), classes, None), t / "ulfine",
+               {"epoch": 0, "class_names": classes})
     shutil.copytree(t / "ckpt", t / "corrupt")
     (t / "corrupt" / "head.safetensors").write_bytes(b"\x13garbage" * 64)
 
@@ -84,6 +87,9 @@ def _cases(t: Path, tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "checkpoint of another method (ulfine scores a loft one)": (
             [*score, pool, f"scoring.checkpoint={t / 'ckpt'}", "algorithm.name=ulfine"],
             ["was not trained with algorithm.name=ulfine", "use it with the algorithm.name it was trained with"]),
+        "checkpoint of another method (loft scores a ulfine one)": (
+            [*score, pool, f"scoring.checkpoint={t / 'ulfine'}"],
+            ["was trained with algorithm.name=ulfine", "but algorithm.name=loft", "use it with algorithm.name=ulfine"]),
         "checkpoint of another method (lp scores a loft one)": (
             [*score, pool, f"scoring.checkpoint={t / 'ckpt'}", "algorithm.name=lp"],
             ["holds a 'lora' adapter but peft.method='none'", "use it with the algorithm.name and peft.method"]),

@@ -11,6 +11,7 @@ decision rule is one function for all of them: `loft.pseudo_label_decision`.
 from __future__ import annotations
 
 from loft_dist.config import ADAPTERS, METHODS, Method, get_method  # noqa: F401 - re-exported
+from loft_dist.errors import WeightsError
 
 
 def _module(name: str):
@@ -25,7 +26,14 @@ def load_model(cfg, class_names: list[str], checkpoint: str | None):
         from loft_dist.algorithms.ulfine import load_ulfine
 
         return load_ulfine(cfg, class_names, checkpoint)
+    from pathlib import Path
+
+    from loft_dist.algorithms.ulfine import ULFINE_FILE
     from loft_dist.models.checkpoint import load_classifier
+
+    if checkpoint and (Path(checkpoint) / ULFINE_FILE).is_file():  # its fused logits need the head it would drop
+        raise WeightsError(f"{checkpoint} was trained with algorithm.name=ulfine (it has {ULFINE_FILE}), but "
+                           f"algorithm.name={cfg.algorithm.name}; use it with algorithm.name=ulfine")
 
     return load_classifier(cfg.model, cfg.peft, class_names, checkpoint)
 
