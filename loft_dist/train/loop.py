@@ -156,13 +156,13 @@ def _train_epoch(engine, shard, pool, cfg, prior, in_dtype) -> dict[str, float]:
     return sums
 
 
-def _group_metrics(sums: dict[str, float], loss_by_epoch: dict, online: bool) -> dict:
+def _group_metrics(sums: dict[str, float], loss_by_epoch: dict, online: bool, device) -> dict:
     """An epoch's metrics over the whole group, not rank 0 alone (every rank has the same keys: same method, same
-    loop); appends its losses to loss_by_epoch."""
+    loop); appends its losses to loss_by_epoch. The sums travel on the engine's device: NCCL reduces no CPU tensor."""
     import torch.distributed as dist
 
     keys = sorted(sums)
-    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     t = dict(zip(keys, totals.tolist()))
     steps = max(t.get("steps", 0.0), 1.0)
@@ -253,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
             group["lr"] = lr
         sums = _train_epoch(engine, shard, pool, cfg, prior, in_dtype)
         metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
-                   **_group_metrics(sums, loss_by_epoch, online), "worker_nodes": worker_nodes}
+                   **_group_metrics(sums, loss_by_epoch, online, engine.device), "worker_nodes": worker_nodes}
         state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
         _report(engine, model, params, metrics, {**state, "restored": restored} if restored else state)
         restored = None  # only the first checkpoint after a resume carries the record
