@@ -58,6 +58,7 @@ def init_ray(run_cfg, use_gpu: bool = False) -> bool:
         address = run_cfg.ray_address or os.environ.get("RAY_ADDRESS")
         started = not address
         if address:
+            _send_token_if_asked(address, "run.ray_address" if run_cfg.ray_address else "RAY_ADDRESS")
             ray.init(address=address, runtime_env={"env_vars": env})
         else:
             ray.init(num_cpus=run_cfg.num_cpus, object_store_memory=run_cfg.object_store_mb * 1024 * 1024,
@@ -65,6 +66,62 @@ def init_ray(run_cfg, use_gpu: bool = False) -> bool:
     configure_ray_data()
     log.info("Ray resources: %s", ray.cluster_resources())
     return started
+
+
+TOKEN_WHERE = ("put the cluster's token in ~/.ray/auth_token (mode 600), or name a file that holds it in "
+               "RAY_AUTH_TOKEN_PATH, or set RAY_AUTH_TOKEN (on KubeRay: the auth_token key of the Secret named by "
+               "authOptions.secretName, loft-dist-ray-auth in cluster/*.yaml)")
+
+
+def _send_token_if_asked(address: str, key: str) -> None:
+    """init_ray's part: before joining the GCS at `address`, ask it whether it wants a token; if so, send this
+    machine's, found where Ray looks (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else
+    ~/.ray/auth_token), whatever RAY_AUTH_MODE says here.
+
+    Ray sends a token only with RAY_AUTH_MODE=token and never turns it on for an explicit address, and a missing or
+    wrong token makes ray.init retry for 20 s and fail with a bare ConnectionError under a stream of C++ warnings.
+    Here it is one ConfigError naming where the token is expected. The token itself is never logged. An address
+    that does not answer is left to ray.init, which says so."""
+    if "://" in address or address in ("auto", "local"):
+        return
+    import grpc
+    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    from ray.exceptions import AuthenticationError
+
+    def refused(token: str | None) -> bool:
+        with grpc.insecure_channel(address) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            try:
+                stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=15,
+                                  metadata=[("authorization", f"Bearer {token}")] if token else [])
+            except grpc.RpcError as e:
+                return e.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+
+    if not refused(None):
+        return
+    where = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN", "").strip() else
+             f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}" if os.environ.get("RAY_AUTH_TOKEN_PATH")
+             else str(Path("~/.ray/auth_token").expanduser()))
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # Ray caches the token of the first look-up; read what the environment says now
+    try:
+        token = loader.get_raw_token(ignore_auth_mode=True) if loader.has_token(ignore_auth_mode=True) else None
+    except AuthenticationError as e:
+        raise ConfigError(f"{key}={address}: the Ray cluster there uses token authentication, and {where} cannot "
+                          f"be read or is empty; {TOKEN_WHERE}") from e
+    if not token:
+        raise ConfigError(f"{key}={address}: the Ray cluster there uses token authentication and no token was found "
+                          f"(RAY_AUTH_TOKEN and RAY_AUTH_TOKEN_PATH unset, no {where}); {TOKEN_WHERE}")
+    if refused(token):
+        raise ConfigError(f"{key}={address}: the Ray cluster there rejected the token from {where}: it is not this "
+                          f"cluster's token; {TOKEN_WHERE}")
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        os.environ["RAY_AUTH_MODE"] = "token"  # what Ray itself does to turn token mode on in a running process
+        Config.initialize("")
+        loader.reset_cache()
+    log.info("the Ray cluster at %s uses token authentication: joining with the token from %s", address, where)
 
 
 @dataclass(frozen=True)
