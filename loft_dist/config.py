@@ -284,6 +284,8 @@ class ScoringConfig:
     cpus_per_actor: float = setting(0.5, gt=0, resumable=True)
     gpus_per_actor: float = setting(0.0, resumable=True)
     torch_threads: int = setting(1, resumable=True)
+    # autocast of the forward on a GPU actor; not resumable: a table is scored at one precision
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
     # Ray Data read + decode tasks feeding the actors: a decode task keeps one core busy, so it asks for one
     # (at 0.25, 4 decode processes per logical CPU starved the actor: 0.6x the rows/s on 2 cores). Not equal to
     # cpus_per_actor on CPU: Ray Data then fuses decoding into the actor process (ray#54433), where it cannot
@@ -301,6 +303,8 @@ class ScoringConfig:
         s = self
         _need(s.max_actors >= s.min_actors, "scoring.max_actors", s.max_actors,
               f">= scoring.min_actors ({s.min_actors})")
+        _need(s.precision == "fp32" or s.gpus_per_actor > 0, "scoring.precision", s.precision,
+              "fp32 without a GPU (bf16/fp16 need scoring.gpus_per_actor > 0)")
 
 
 @dataclass

@@ -28,6 +28,7 @@ def test_defaults_are_valid_and_overrides_apply(tmp_path):
     (["algorithm.name=lofty"], ["algorithm.name='lofty'", "loft"]),
     (["train.zero_stage=4"], ["train.zero_stage=4", "0, 1, 2, 3"]),
     (["train.precision=bf16"], ["train.precision='bf16'", "use_gpu"]),
+    (["scoring.precision=fp16"], ["scoring.precision='fp16'", "gpus_per_actor"]),
     (["scoring.max_actors=0"], ["scoring.max_actors=0", "min_actors"]),
     (["train.prefetch_batches=-1"], ["train.prefetch_batches=-1", ">= 0"]),
     (["train"], ["not key=value"]),

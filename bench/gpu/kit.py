@@ -8,8 +8,8 @@ Parts, each in its own process with its own time limit (a stuck part costs its l
   step-adaptformer, step-lora
                             the DeepSpeed engine step (train/deepspeed_config.py build_engine, 1 rank, NCCL; bf16)
                             as train/loop.py runs it, against the same step in a plain torch loop: autocast bf16 on
-                            fp32 weights (the idiomatic plain loop, the headline) and bf16 weights (what DeepSpeed's
-                            bf16 casts the module to). Same model, loss, optimizer and batch, already on the device.
+                            fp32 weights (the idiomatic plain loop, the headline; what train.precision=bf16 runs) and
+                            bf16 weights (a lower bound: no fp32 master weights). Same model, loss, optimizer and batch, already on the device.
                             Also train/loop.py's own epoch function on CPU batches: the engine step plus the loop's
                             host → device copies (pageable; inside Ray Train, Ray's iterator makes them) and its
                             per-step counts (device → host syncs).
@@ -154,7 +154,8 @@ def score_part(p: Profile, precision: str) -> dict:
     from loft_dist.data.transforms import normalize
     from loft_dist.scoring.scorer import Scorer
 
-    cfg = make_cfg(p)
+    gpu = p.device == "cuda"  # on the GPU the Scorer autocasts itself (scoring.precision); the CPU check wraps it
+    cfg = make_cfg(p, f"scoring.precision={precision if gpu else 'fp32'}")
     scorer = Scorer(to_dict(cfg), class_names(p), "zero_shot")  # sets torch threads from scoring.torch_threads
     if scorer.device != p.device:
         raise RuntimeError(f"the Scorer chose {scorer.device!r}, the profile needs {p.device!r}")
@@ -170,7 +171,7 @@ def score_part(p: Profile, precision: str) -> dict:
             inference_logits(cfg.algorithm, scorer.model, x, "zero_shot")
 
     def score():
-        with autocast(p.device, precision):
+        with autocast(p.device, precision) if not gpu else contextlib.nullcontext():
             assert scorer(batch).num_rows == B
 
     out = {"precision": precision, "batch": B, "image_size": S, "model": p.model, "classes": p.classes,
@@ -179,10 +180,12 @@ def score_part(p: Profile, precision: str) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         out["peak_tf32"] = timed(peak, p)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    # Where the scorer's time goes besides the forward: its numpy normalisation and the host → device copy.
+    # Where the scorer's time goes besides the forward: numpy's normalisation (the scorer's path before it moved to
+    # the device), the float32 pageable copy it needed, and the uint8 pinned copy + device normalisation of now.
     normalized = normalize(batch["image"])
     out["normalize_cpu"] = timed(lambda: normalize(batch["image"]), p)
     out["host_to_device"] = timed(lambda: torch.from_numpy(normalized).to(p.device), p)
+    out["scorer_images"] = timed(lambda: scorer._images(batch["image"]), p)
     for k in ("peak", "peak_tf32", "scorer"):
         if k in out:
             out[k]["images_s"] = B / out[k]["s_per_iter"]
@@ -237,11 +240,9 @@ def plain_step(model, b: dict, prior, cfg, in_dtype, precision: str):
 
 def engine_step(engine, b: dict, prior, cfg):
     """One step as train/loop.py's train_loop_per_worker runs it (offline mode), on a batch already on the device."""
-    import torch
-
     from loft_dist.algorithms import after_step, training_loss
 
-    x = b["image"].to(torch.bfloat16)  # the loop's in_dtype for bf16
+    x = b["image"]  # fp32: the engine autocasts (train.precision=bf16 → DeepSpeed's torch_autocast)
 
     def step():
         out = engine(x).float()
@@ -266,13 +267,11 @@ class _Shard:
 def loop_epoch(engine, b: dict, prior, cfg, steps: int) -> dict:
     """train/loop.py's own epoch function (_train_epoch) over `steps` copies of the batch, as CPU tensors: the engine
     step plus what the loop adds per step (host → device copies, its per-step counts); timed by the loop itself."""
-    import torch
-
     from loft_dist.train.loop import _train_epoch
 
     cpu = {k: v.cpu() for k, v in b.items()}
-    _train_epoch(engine, _Shard(cpu, 2), None, cfg, prior, torch.bfloat16)  # warm-up
-    sums = _train_epoch(engine, _Shard(cpu, steps), None, cfg, prior, torch.bfloat16)
+    _train_epoch(engine, _Shard(cpu, 2), None, cfg, prior)  # warm-up
+    sums = _train_epoch(engine, _Shard(cpu, steps), None, cfg, prior)
     return {"s_per_iter": sums["compute_s"] / sums["steps"], "iters": int(sums["steps"]),
             "data_wait_s": sums["data_wait_s"] / sums["steps"]}
 

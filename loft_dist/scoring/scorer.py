@@ -8,6 +8,8 @@ their error kept, so the driver can quarantine them.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -15,7 +17,7 @@ import torch
 from loft_dist.algorithms import inference_logits, load_model
 from loft_dist.algorithms.loft import DECISIONS, REJECTED, pseudo_label_decision, zero_shot_keep
 from loft_dist.config import from_dict
-from loft_dist.data.transforms import normalize
+from loft_dist.data.transforms import normalize_tensor
 from loft_dist.errors import DataError
 
 MODES = ("zero_shot", "teacher", "eval")
@@ -54,13 +56,24 @@ class Scorer:
         self.mode = mode
         self.zs = ZeroShotLookup(zs_table) if zs_table else None
         self.topk = self.cfg.scoring.probs_topk
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.scoring.precision)
+        self.autocast = torch.autocast("cuda", dtype=dtype) if dtype and self.device == "cuda" \
+            else contextlib.nullcontext()
+
+    def _images(self, x: np.ndarray) -> torch.Tensor:
+        """The batch's pixels on the device, normalised: uint8 (job.py decodes with normalized=False) travels as
+        uint8 through pinned memory and is normalised there; float32 (already normalised) as it is."""
+        if x.dtype != np.uint8:
+            return torch.from_numpy(np.require(x, np.float32, ["C", "W"])).to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if self.device == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return normalize_tensor(t)
 
     def __call__(self, batch: dict) -> dict:
         a = self.cfg.algorithm
-        x = batch["image"]
-        x = normalize(x) if x.dtype == np.uint8 else np.require(x, np.float32, ["C", "W"])  # uint8: job.py decodes
-        x = torch.from_numpy(x).to(self.device)
-        with torch.inference_mode():
+        x = self._images(batch["image"])
+        with torch.inference_mode(), self.autocast:
             logits = inference_logits(a, self.model, x, PURPOSE[self.mode])
             probs = torch.softmax(logits.float() / a.temperature, dim=-1).cpu()
         ids = np.asarray(batch["id"])

@@ -68,13 +68,13 @@ def _cycle(shard, batch_size: int, t):
         yield None
 
 
-def online_batch(engine, acfg, labeled: dict, pool: dict, device, in_dtype):
+def online_batch(engine, acfg, labeled: dict, pool: dict, device):
     """One online step's outputs and targets: teacher on the weak view, student rows = labeled + strong view."""
     if pool is None:
-        out = _float(engine(labeled["image"].to(device, dtype=in_dtype)))
+        out = _float(engine(labeled["image"].to(device)))
         return out, *(labeled[k].to(device) for k in ("code", "target", "weight", "soft"))
     b, n = len(labeled["image"]), len(pool["image"])
-    images = torch.cat([labeled["image"], pool["image_weak"], pool["image"]]).to(device, dtype=in_dtype)
+    images = torch.cat([labeled["image"], pool["image_weak"], pool["image"]]).to(device)
     out = _float(engine(images))
     teacher = logits_for(acfg, _rows(out, slice(b, b + n)), "pseudo_label").detach()
     probs = torch.softmax(teacher / acfg.temperature, dim=-1)
@@ -128,7 +128,7 @@ def restore(checkpoint, engine, optimizer, params) -> tuple[int, dict, dict]:
     return saved["epoch"] + 1, saved.get("loss_by_epoch", {}), record
 
 
-def _train_epoch(engine, shard, pool, cfg, prior, in_dtype) -> dict[str, float]:
+def _train_epoch(engine, shard, pool, cfg, prior) -> dict[str, float]:
     """One pass over this rank's labeled shard (online: each step beside mu x B pool rows); the sums of every loss
     part and count over its steps."""
     a, device = cfg.algorithm, engine.device
@@ -137,9 +137,9 @@ def _train_epoch(engine, shard, pool, cfg, prior, in_dtype) -> dict[str, float]:
     for batch in _batches(shard, cfg.train.micro_batch_size, cfg.train):
         t_start = time.perf_counter()
         if pool is not None:
-            out, code, target, weight, soft = online_batch(engine, a, batch, next(pool), device, in_dtype)
+            out, code, target, weight, soft = online_batch(engine, a, batch, next(pool), device)
         else:
-            out = _float(engine(batch["image"].to(device, dtype=in_dtype)))
+            out = _float(engine(batch["image"].to(device)))
             code, target = batch["code"].to(device), batch["target"].to(device)
             weight, soft = batch["weight"].to(device), batch["soft"].to(device)
         loss, parts = training_loss(a, out, code, target, weight, soft, prior)
@@ -225,8 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 weight_decay=cfg.train.weight_decay)
     engine, optimizer = build_engine(model, optimizer, params, cfg.train)
     device = engine.device
-    # DeepSpeed casts the module to bf16/fp16 when enabled; inputs follow, the loss is computed in fp32.
-    in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    # bf16/fp16: the engine's forward runs under torch.autocast on fp32 weights; the loss is computed in fp32.
     prior = torch.tensor(config["prior"], dtype=torch.float32, device=device)
 
     # --- resume inside the round (Ray Train restarts failed workers from the last reported checkpoint)
@@ -251,7 +250,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr = cosine_lr(cfg.train.lr, offset + epoch, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums = _train_epoch(engine, shard, pool, cfg, prior, in_dtype)
+        sums = _train_epoch(engine, shard, pool, cfg, prior)
         metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
                    **_group_metrics(sums, loss_by_epoch, online, engine.device), "worker_nodes": worker_nodes}
         state = {"epoch": epoch, "class_names": config["class_names"], **metrics}

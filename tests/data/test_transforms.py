@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from loft_dist.data.transforms import CLIP_MEAN, CLIP_STD, Decoder, build_view
+from loft_dist.data.transforms import CLIP_MEAN, CLIP_STD, Decoder, build_view, normalize, normalize_tensor
 
 SIZE = 32
 
@@ -75,3 +75,11 @@ def test_decoder_gives_labeled_rows_their_own_view():
     assert np.array_equal(out["image"][is_labeled], clean[is_labeled])
     assert not np.isclose(out["image"][~is_labeled], clean[~is_labeled]).all(axis=(1, 2, 3)).any()
     assert list(out["error"]) == [""] * 6
+
+
+def test_normalize_tensor_is_normalize_bit_for_bit():
+    """The scorer normalises uint8 batches on its device with torch; the values must be the numpy normalise's."""
+    pixels = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    got = normalize_tensor(torch.from_numpy(pixels))
+    assert got.shape == (5, 3, SIZE, SIZE) and got.dtype == torch.float32
+    assert torch.equal(got, torch.from_numpy(normalize(pixels)))

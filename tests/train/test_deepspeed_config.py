@@ -1,6 +1,32 @@
+import pytest
+
 from loft_dist.config import load_config
 from loft_dist.train.deepspeed_config import deepspeed_config, grad_accum_steps
 from loft_dist.train.loop import cosine_lr
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A 1-rank gloo group, as Ray Train's worker has before build_engine; one per module, since DeepSpeed's comm
+    layer keeps the first group it saw."""
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+
+    env = {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}  # what a launcher sets
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'pg'}", rank=0,
+                            world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_global_batch_scales_with_workers_by_default_and_is_kept_fixed_on_request():
@@ -16,7 +42,8 @@ def test_zero_stage_precision_and_clipping_reach_deepspeed():
     t = load_config(None, ["train.zero_stage=3", "train.grad_clip=1.0", "train.use_gpu=true",
                            "train.precision=bf16"]).train
     ds = deepspeed_config(t)
-    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds  # fp32 weights
     assert "optimizer" not in ds  # a torch optimizer is passed in: no JIT-compiled fused op
 
 
@@ -36,20 +63,13 @@ def test_cosine_schedule_per_epoch_over_the_whole_run():
     assert cosine_lr(0.01, 100, 100) < 1e-12
 
 
-def test_one_rank_engine_at_zero_0_takes_the_fast_paths_and_still_trains_like_plain_torch(tmp_path, monkeypatch):
+def test_one_rank_engine_at_zero_0_takes_the_fast_paths_and_still_trains_like_plain_torch(one_rank_group):
     """build_engine turns the world-size-1 all-reduce off and clips / zeroes gradients with torch's fused calls;
     the weights must still follow plain torch exactly, with accumulation over 2 micro batches and clipping."""
-    import os
-
-    import deepspeed
     import torch
-    import torch.distributed as dist
 
     from loft_dist.train.deepspeed_config import build_engine
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # what a launcher (Ray Train) sets
-        monkeypatch.setenv(k, v)
     t = load_config(None, ["train.num_workers=1", "train.micro_batch_size=4", "train.grad_accum=2",
                            "train.grad_clip=0.05", "train.zero_stage=0"]).train
     torch.manual_seed(0)
@@ -59,17 +79,12 @@ def test_one_rank_engine_at_zero_0_takes_the_fast_paths_and_still_trains_like_pl
     ours.load_state_dict(plain.state_dict())
     data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(8)]
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        deepspeed.init_distributed(dist_backend="gloo")
-        opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
-        engine, _ = build_engine(ours, opt, list(ours.parameters()), t)
-        assert engine.enable_backward_allreduce is False
-        for x, y in data:
-            engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
-            engine.step()
-    finally:
-        dist.destroy_process_group()
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
+    engine, _ = build_engine(ours, opt, list(ours.parameters()), t)
+    assert engine.enable_backward_allreduce is False
+    for x, y in data:
+        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        engine.step()
 
     opt = torch.optim.SGD(plain.parameters(), lr=0.5, momentum=0.9)
     for i, (x, y) in enumerate(data):
@@ -79,5 +94,42 @@ def test_one_rank_engine_at_zero_0_takes_the_fast_paths_and_still_trains_like_pl
             opt.step()
             opt.zero_grad()
     assert clipped > 0.05  # clipping really acted, so a clip in the wrong place would show
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_trains_fp32_weights_under_autocast_like_a_plain_autocast_loop(one_rank_group):
+    """train.precision=bf16 is torch.autocast inside the engine on fp32 weights, the step of a plain autocast loop:
+    the module is not cast, the optimizer is the torch one (not DeepSpeed's per-tensor FP16_UnfusedOptimizer), and
+    the weights follow the plain loop."""
+    import torch
+
+    from loft_dist.train.deepspeed_config import build_engine
+
+    t = load_config(None, ["train.num_workers=1", "train.micro_batch_size=4", "train.grad_clip=0",
+                           "train.use_gpu=true", "train.precision=bf16"]).train
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))  # noqa: E731
+    plain, ours = make(), make()
+    ours.load_state_dict(plain.state_dict())
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(4)]
+
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5, momentum=0.9)
+    engine, optimizer = build_engine(ours, opt, list(ours.parameters()), t)
+    assert type(optimizer) is torch.optim.SGD, type(optimizer).__name__
+    for x, y in data:
+        out = engine(x)
+        assert out.dtype == torch.bfloat16  # the forward ran under autocast
+        engine.backward(torch.nn.functional.cross_entropy(out.float(), y))
+        engine.step()
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+
+    opt = torch.optim.SGD(plain.parameters(), lr=0.5, momentum=0.9)
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = plain(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
+        opt.step()
+        opt.zero_grad()
     for a, b in zip(plain.parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
