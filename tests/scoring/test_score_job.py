@@ -93,7 +93,7 @@ def test_pool_of_50000_images_with_two_actors_writes_exactly_one_row_each(tmp_pa
 
 
 def test_killed_scoring_job_resumes_without_duplicate_or_missing_id(tmp_path, ray_session):
-    ids = _write_pool(tmp_path / "pool", 8_000, shards=8)
+    ids = _write_pool(tmp_path / "pool", 8_000, shards=16)  # 8 chunks: never all committed between two polls
     out = tmp_path / "scored"
     overrides = [f"data.root={tmp_path / 'data'}", f"scoring.input={tmp_path / 'pool'}", f"scoring.output={out}",
                  "scoring.shards_per_chunk=2", "scoring.batch_size=256", "run.num_cpus=4",
@@ -104,14 +104,16 @@ def test_killed_scoring_job_resumes_without_duplicate_or_missing_id(tmp_path, ra
         from loft_dist.scoring.job import run_score_job
         run_score_job(load_config(None, {overrides!r}))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "job.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), start_new_session=True,
+                                stdout=f, stderr=subprocess.STDOUT)
     work = out.with_name(f".{out.name}.work")
     deadline = time.time() + 300
-    # Chunks commit as their last row arrives, in one streaming execution: kill once two of the four are in.
+    # Chunks commit as their last row arrives, in one streaming execution: kill once two of the eight are in.
     while len(list(work.glob("chunk-*/_SUCCESS"))) < 2:
-        assert proc.poll() is None, "the scoring job ended before it could be killed"
-        assert time.time() < deadline, "the scoring job made no progress"
+        assert proc.poll() is None, f"the scoring job ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"the scoring job made no progress:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
