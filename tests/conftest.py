@@ -1,13 +1,31 @@
-"""Shared fixtures: one local Ray for the whole session (ray.init costs ~3 s, each fit ~17 s of overhead)."""
+"""Shared fixtures: one local Ray per session for the in-process tests (ray.init costs ~3 s, each fit ~17 s of
+overhead) and one `ray start` cluster per session for the tests that drive a cluster from outside (job submit, the
+killed driver, the multi-node tests); and the order and markers that keep each of them alive only while needed.
+
+Order (pytest_collection_modifyitems): modules that use no shared Ray first, then those that use `ray_session`, then
+those that use `ray_cluster`; the original order within each group. Each shared Ray is shut down right after the last
+test that uses it, so at most one of them runs at a time and neither idles beside unrelated tests.
+Every test that uses either is marked `slow` (the fast tier, `-m "not slow"`, starts no Ray at all).
+"""
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_RAY = ("ray_session", "ray_cluster")  # in the order their modules run
+# The shared cluster detects a lost node within ~10 s instead of ~30 s (the GCS health check of every raylet; the
+# multi-node tests crash nodes); not tighter, because a busy 2-core machine can delay a live raylet's answer by seconds.
+FAST_NODE_DEATH = {"health_check_period_ms": 2000, "health_check_timeout_ms": 8000,
+                   "health_check_failure_threshold": 4}
+
+_release: dict[str, Callable[[], None]] = {}  # shared Ray fixture → its shutdown, once it is up
+_last_user: dict[str, list[str]] = {}  # test node id → the shared Ray fixtures it is the last user of
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +40,27 @@ def ray_session():
         ray.init(num_cpus=4, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     configure_ray_data()
+    _release["ray_session"] = ray.shutdown
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real `ray start` head on 127.0.0.1 (4 logical CPUs, job API, state API) that this process never joins.
+
+    Its processes carry a fake AWS_SECRET_ACCESS_KEY (`.secret`), which the tests look for in what runs wrote; the
+    multi-node tests add role nodes to it (tests/multinode/conftest.py) and remove them again."""
+    from local_ray_cluster import LocalRayCluster
+
+    secret = f"not-a-real-secret-{uuid.uuid4().hex}"
+    cluster = LocalRayCluster(num_cpus=4, object_store_bytes=400_000_000, system_config=FAST_NODE_DEATH,
+                              node_env={"HF_HUB_OFFLINE": "1", "AWS_SECRET_ACCESS_KEY": secret})
+    cluster.secret = secret
+    cluster.start()
+    _release["ray_cluster"] = cluster.stop
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -31,3 +68,39 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (it exists only beside the project's checkout, not on a user's machine)")
     return SHARED
+
+
+def _shared_ray_group(item) -> int:
+    """0: no shared Ray; 1 + the index in SHARED_RAY of the last shared Ray fixture the test uses."""
+    return max((1 + i for i, name in enumerate(SHARED_RAY) if name in item.fixturenames), default=0)
+
+
+def pytest_itemcollected(item):
+    """Before -m selects: a test that starts or uses a shared Ray is slow, marked or not."""
+    if _shared_ray_group(item):
+        item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: the last user found here is the last one that runs
+def pytest_collection_modifyitems(config, items):
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    group: dict[str, int] = {}
+    for item in items:
+        group[module(item)] = max(group.get(module(item), 0), _shared_ray_group(item))
+    items.sort(key=lambda item: group[module(item)])  # stable: the original order within each group
+    _last_user.clear()
+    for name in SHARED_RAY:
+        users = [item for item in items if name in item.fixturenames]
+        if users:
+            _last_user.setdefault(users[-1].nodeid, []).append(name)
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name in _last_user.get(item.nodeid, []):
+        release = _release.pop(name, None)
+        if release is not None:
+            release()

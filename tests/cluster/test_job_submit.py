@@ -1,8 +1,10 @@
 """`ray job submit` of the tiny config to a real `ray start` cluster, through cluster/submit.sh as README §9 does it.
 
-The cluster is a head node on 127.0.0.1 with its own temp dir and ports (tests/faults/local_ray_cluster.py), so
-the test session's own Ray is untouched; it is stopped by process id (`ray stop` would stop every Ray on the
-machine). The job API is served by the dashboard, which needs the `ray[default]` extra.
+The cluster is the test session's shared head on 127.0.0.1 (tests/conftest.py `ray_cluster`, tests/local_ray_cluster.py),
+with its own temp dir and ports, so the session's in-process Ray is untouched; it is stopped by process id (`ray stop`
+would stop every Ray on the machine). The job API is served by the dashboard, which needs the `ray[default]` extra.
+Every process of the cluster carries a fake secret in its environment (`ray_cluster.secret`), which must appear
+nowhere in the run dir or the job's output.
 """
 
 from __future__ import annotations
@@ -13,14 +15,10 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-from local_ray_cluster import LocalRayCluster  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[2]
@@ -32,30 +30,30 @@ def _ids(directory: Path) -> list[int]:
     return pq.read_table(sorted(str(p) for p in directory.glob("*.parquet")), columns=["id"]).column("id").to_pylist()
 
 
-def test_ray_job_submit_runs_the_tiny_config_to_a_report(tmp_path):
+def test_ray_job_submit_runs_the_tiny_config_to_a_report(tmp_path, ray_cluster):
     if importlib.util.find_spec("aiohttp") is None:
         pytest.skip('the Ray job API needs the dashboard: pip install "ray[default]" (the dev extra lists it)')
-    secret = f"not-a-real-secret-{uuid.uuid4().hex}"  # in the environment of every process of the cluster
-    with LocalRayCluster(num_cpus=4, object_store_bytes=400_000_000,
-                         node_env={"AWS_SECRET_ACCESS_KEY": secret}) as cluster:
-        env = cluster.env(RAY_ADDRESS=cluster.dashboard_url)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's `ray`
-        log = tmp_path / "submit.log"
-        with open(log, "w") as out:
-            done = subprocess.run(
-                ["bash", str(REPO / "cluster" / "submit.sh"), "configs/tiny.yaml", f"run.storage_path={tmp_path}",
-                 "run.name=job", "rounds.num_rounds=1", "train.epochs_per_round=1"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, timeout=JOB_TIMEOUT_S)
-        output = log.read_text()
-        assert done.returncode == 0, output[-4000:] + cluster.diagnostics()
-        submission = re.search(r"Job '(raysubmit_\w+)' succeeded", output)
-        assert submission, output[-4000:]
-        from ray.job_submission import JobStatus, JobSubmissionClient
+    cluster = ray_cluster
+    secret = cluster.secret  # in the environment of every process of the cluster
+    env = cluster.env(RAY_ADDRESS=cluster.dashboard_url)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's `ray`
+    log = tmp_path / "submit.log"
+    with open(log, "w") as out:
+        # No ood_test split: one scoring job less per evaluation; this test is about the job path, not OOD metrics.
+        done = subprocess.run(
+            ["bash", str(REPO / "cluster" / "submit.sh"), "configs/tiny.yaml", f"run.storage_path={tmp_path}",
+             "run.name=job", "rounds.num_rounds=1", "train.epochs_per_round=1", "data.ood_test=0"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, timeout=JOB_TIMEOUT_S)
+    output = log.read_text()
+    assert done.returncode == 0, output[-4000:] + cluster.diagnostics()
+    submission = re.search(r"Job '(raysubmit_\w+)' succeeded", output)
+    assert submission, output[-4000:]
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
-        assert JobSubmissionClient(cluster.dashboard_url).get_job_status(submission.group(1)) == JobStatus.SUCCEEDED
-        # The driver joined this cluster (run.ray_address unset: RAY_ADDRESS from the job), not a Ray of its own.
-        joined = re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{cluster.port}\b", output)
-        assert joined, output[-4000:]
+    assert JobSubmissionClient(cluster.dashboard_url).get_job_status(submission.group(1)) == JobStatus.SUCCEEDED
+    # The driver joined this cluster (run.ray_address unset: RAY_ADDRESS from the job), not a Ray of its own.
+    joined = re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{cluster.port}\b", output)
+    assert joined, output[-4000:]
 
     run_dir = tmp_path / "job"
     assert json.loads((run_dir / "state.json").read_text())["completed"] == PHASES

@@ -1,5 +1,8 @@
 """Every method through the same round driver (`loft_dist.rounds.run`) on the embedded data, one short round each:
-the config switch `algorithm.name` (and `algorithm.mode=online` for LoFT) is all that differs."""
+the config switch `algorithm.name` (and `algorithm.mode=online` for LoFT) is all that differs.
+
+LoFT offline, the default method, is checked on the session's tiny run (tests/e2e/conftest.py `tiny_run`: the same
+driver and config switch, 2 longer rounds, which test_tiny_run.py checks further) instead of a run of its own."""
 
 from __future__ import annotations
 
@@ -31,13 +34,20 @@ def shared(tmp_path_factory, ray_session):
 
 
 @pytest.mark.parametrize("name, mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_method_runs_through_the_round_driver(shared, name, mode):
-    cfg = load_config("configs/tiny.yaml", [
-        f"run.storage_path={shared / 'runs'}", f"run.name={name}-{mode}", f"data.root={shared / 'data'}",
-        f"algorithm.name={name}", f"algorithm.mode={mode}", "rounds.num_rounds=1", "train.epochs_per_round=1", *DATA])
-    summary = run(cfg)
-    run_dir = Path(cfg.run_dir).resolve()
-    last = 0 if name == "zero_shot" else 1
+def test_method_runs_through_the_round_driver(ray_session, request, name, mode):
+    if (name, mode) == ("loft", "offline"):  # the default method: the session's tiny run is one
+        tiny = request.getfixturevalue("tiny_run")
+        cfg, run_dir, summary = tiny.cfg, tiny.run_dir, tiny.summary
+        assert (cfg.algorithm.name, cfg.algorithm.mode) == (name, mode)
+    else:
+        shared = request.getfixturevalue("shared")
+        cfg = load_config("configs/tiny.yaml", [
+            f"run.storage_path={shared / 'runs'}", f"run.name={name}-{mode}", f"data.root={shared / 'data'}",
+            f"algorithm.name={name}", f"algorithm.mode={mode}", "rounds.num_rounds=1", "train.epochs_per_round=1",
+            *DATA])
+        summary = run(cfg)
+        run_dir = Path(cfg.run_dir).resolve()
+    last = 0 if name == "zero_shot" else cfg.rounds.num_rounds
     assert summary["final"]["round"] == last
     m = json.loads((run_dir / "rounds" / f"r{last}" / "metrics.json").read_text())
     assert 0.0 <= m["test"]["accuracy"] <= 1.0 and set(m["test"]["tertiles"]) == {"head", "mid", "tail"}
@@ -46,7 +56,7 @@ def test_method_runs_through_the_round_driver(shared, name, mode):
         return
     train = m["train"]
     assert train["steps_all_ranks"] > 0 and train["steps_all_ranks"] % cfg.train.num_workers == 0  # same steps per rank
-    ckpt = run_dir / "rounds" / "r1" / "checkpoint"
+    ckpt = run_dir / "rounds" / f"r{last}" / "checkpoint"
     assert (ckpt / "head.safetensors").is_file()
     assert (ckpt / "adapter").is_dir() == (name != "lp")  # LP trains the head only
     if name == "fft":

@@ -7,25 +7,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from loft_dist.config import load_config
 from loft_dist.rounds import run
+
+from e2e_lib import EPOCHS, mlflow_env  # the tiny run itself is made once per session (tests/e2e/conftest.py)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-EPOCHS = 6
-LR = 0.05  # tiny.yaml's 0.02 with 2 epochs a round left test accuracy at chance (10.75 %): nothing to assert on
-# Learning, measured on 2 cores with this fixture's config (seed 0; the random views and the order Ray Data streams
-# blocks in vary run to run): final test accuracy 24.0 % and 22.75 % in two runs; 10 balanced classes, 400 test
-# images, so chance is 10 % +- 1.5 % (one binomial standard deviation). 17 % keeps 5.75 points below the lowest run
-# and is 4.7 standard deviations above chance.
+# Learning, measured on 2 cores with the tiny_run fixture's config (EPOCHS epochs a round at lr 0.05, seed 0; the random
+# views and the order Ray Data streams blocks in vary run to run): final test accuracy 24.0 % and 22.75 % in two runs;
+# 10 balanced classes, 400 test images, so chance is 10 % +- 1.5 % (one binomial standard deviation). 17 % keeps 5.75
+# points below the lowest run and is 4.7 standard deviations above chance.
 CHANCE = 0.10
 MIN_ACCURACY = 0.17
 # The labeled part of the loss (loss_s: logit-adjusted CE, the one term every epoch of every round shares; the soft
@@ -34,30 +32,21 @@ MIN_ACCURACY = 0.17
 MAX_LOSS_RATIO = 0.85
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory):
-    """A real MLflow file store that the driver logs into (the env var is read when a Tracker is made)."""
-    pytest.importorskip("mlflow")
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_DISABLE_TELEMETRY")
-    saved = {k: os.environ.get(k) for k in names}
-    uri = (tmp_path_factory.mktemp("mlruns")).as_uri()
-    os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_FILE_STORE="true", MLFLOW_DISABLE_TELEMETRY="true")
-    yield uri
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+@pytest.fixture(autouse=True)
+def _mlflow_settings(mlflow_uri):
+    """This module's tests read (and its re-run logs into) the tiny run's MLflow store."""
+    with mlflow_env(mlflow_uri):
+        yield
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, ray_session, mlflow_uri):
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("configs/tiny.yaml", [
-        f"run.storage_path={root}", "run.name=e2e", f"train.epochs_per_round={EPOCHS}", f"train.lr={LR}",
-        "rounds.num_rounds=2"])
-    summary = run(cfg)
-    return cfg, Path(cfg.run_dir).resolve(), summary
+@pytest.fixture
+def tiny_run(tiny_run):
+    """(cfg, run_dir, summary) of the session's tiny run."""
+    return tiny_run.cfg, tiny_run.run_dir, tiny_run.summary
 
 
 def _mlflow_run(run_dir: Path):
+    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()

@@ -4,9 +4,10 @@ resumes after the last completed phase ("resuming after …"), keeps the committ
 training from Ray Train's last checkpoint in the run dir (its adapter, head and optimizer state restored exactly:
 resume_checks.check_restores), and the final tables hold every id exactly once.
 
-The cluster outlives its drivers, as on KubeRay: a dead driver's actors and workers are cleaned up by Ray, and
-the resubmission finds the run dir where the first one left it. The driver's environment carries a fake secret
-that must appear nowhere in the run dir or the driver's output.
+The cluster (the test session's shared `ray start` head, tests/conftest.py `ray_cluster`) outlives its drivers, as
+on KubeRay: a dead driver's actors and workers are cleaned up by Ray, and the resubmission finds the run dir where the
+first one left it. The driver's environment carries a fake secret, and the cluster's processes another: neither may
+appear in the run dir or the driver's output.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Callable
 import pytest
 
 from faultlib import DATA_OVERRIDES, TINY, completed, split_ids, table_ids
-from local_ray_cluster import LocalRayCluster
 from resume_checks import check_restores, registered_epochs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -30,12 +30,6 @@ LOFT_DIST = str(Path(sys.executable).with_name("loft-dist"))
 EPOCHS = 3
 PHASES = ["prepare", "r0.score", "r0.eval", "r1.score", "r1.train", "r1.eval"]
 DRIVER_TIMEOUT_S = 1800  # a safety net for a hung driver; 2-core machines shared with other jobs are slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalRayCluster(num_cpus=4, object_store_bytes=400_000_000) as c:
-        yield c
 
 
 def _drive(cmd: list[str], env: dict, log: Path, kill_when: Callable[[], bool] | None = None) -> str:
@@ -59,7 +53,8 @@ def _drive(cmd: list[str], env: dict, log: Path, kill_when: Callable[[], bool] |
             proc.wait()
 
 
-def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, cluster):
+def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, ray_cluster):
+    cluster = ray_cluster
     name = "kill_driver"
     run_dir = tmp_path / name
     secret = f"not-a-real-secret-{uuid.uuid4().hex}"
@@ -126,6 +121,7 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, clu
     assert (run_dir / "report" / "report.md").is_file()
 
     # No secret from the environment in anything the run wrote or printed.
-    leaks = [str(p) for p in [*run_dir.rglob("*"), *logs] if p.is_file() and secret.encode() in p.read_bytes()]
-    assert not leaks, f"the driver's AWS_SECRET_ACCESS_KEY was written to {leaks}"
+    for whose, value in (("driver", secret), ("cluster", cluster.secret)):
+        leaks = [str(p) for p in [*run_dir.rglob("*"), *logs] if p.is_file() and value.encode() in p.read_bytes()]
+        assert not leaks, f"the {whose}'s AWS_SECRET_ACCESS_KEY was written to {leaks}"
     assert "AWS_SECRET_ACCESS_KEY" not in (run_dir / "config.yaml").read_text()

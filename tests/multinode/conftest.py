@@ -1,15 +1,15 @@
-"""Fixtures of the multi-node tests: one local Ray cluster of 4 nodes for the module, and the `loft-dist run` driver.
+"""Fixtures of the multi-node tests: role nodes on the session's shared Ray head, and the `loft-dist run` driver.
 
-Layout (each node 1 logical CPU, a 200 MB object store, its own raylet):
-  head     no role resources: GCS, dashboard (state API) and the driver, which attaches to the head
+Layout (each worker node 1 logical CPU, a 200 MB object store, its own raylet and temp dir):
+  head     the session's `ray start` head (tests/conftest.py `ray_cluster`), no role resources: GCS, dashboard
+           (job and state API); the drivers attach to it
   trainer  x2, {"trainer": 1}: Ray Train workers (`train.custom_resources={trainer: 0.5}`)
   scorer   x1, {"scorer": 1}: the scoring actor pool (`scoring.custom_resources={scorer: 0.5}`)
-Tests remove and add trainer/scorer nodes; the head stays, so the cluster outlives every test.
+Tests remove and add trainer/scorer nodes; the head stays, and the module removes every node it added at its end.
 
-The cluster is owned by a helper process and the driver is a separate `loft-dist run … run.ray_address=<cluster>`
-process, as under `ray job submit` on a real cluster: this pytest process never joins the cluster nor holds a
-client of it, so an in-process Ray of other test modules (tests/conftest.py's `ray_session`) is neither shut
-down nor shadowed, whichever module runs first (see multinode_lib.py).
+The driver is a separate `loft-dist run … run.ray_address=<cluster>` process, as under `ray job submit` on a real
+cluster: this pytest process never joins the cluster nor holds a client of it (it reads the state API over HTTP),
+so an in-process Ray of other test modules (tests/conftest.py's `ray_session`) is neither shut down nor shadowed.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from multinode_lib import WORKER_ENV, Driver, LocalCluster
+from multinode_lib import WORKER_ENV, Driver, RoleNodes
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(trainers=2, scorers=1, cpus_per_node=1, object_store_mb=200, env=WORKER_ENV)
+def cluster(ray_cluster):
+    c = RoleNodes(ray_cluster, trainers=2, scorers=1, cpus_per_node=1, object_store_mb=200, env=WORKER_ENV)
     yield c
     c.shutdown()
 

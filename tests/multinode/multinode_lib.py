@@ -1,18 +1,23 @@
-"""A multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`) with a role per node, and the
-`loft-dist run` driver that joins it. Used by tests/multinode and bench/multinode.py.
+"""Multi-node Ray on one machine with a role per node, and the `loft-dist run` driver that joins it.
+
+Two ways to get the nodes, with one interface (`address`, `add`, `remove`, `role_of`, `removed`, `actors`):
+  RoleNodes     role nodes added to a running `ray start` head (tests/local_ray_cluster.py): the test session's
+                shared cluster, which tests/multinode uses (tests/multinode/conftest.py)
+  LocalCluster  a cluster of its own (`ray.cluster_utils.Cluster`, head included): bench/multinode.py, whose
+                topologies also give the head roles or more CPUs
 
 Roles are custom resources, as on a real fleet: `trainer` nodes take Ray Train workers
 (`train.custom_resources={trainer: 0.5}`), `scorer` nodes take the scoring actor pool
 (`scoring.custom_resources={scorer: 0.5}`); the head takes neither, so that it (and the driver attached
 to it) survives when a test removes a trainer or a scorer node.
 
-The cluster is owned by a helper process (`python multinode_lib.py --serve`, driven over a pipe), never by the
+LocalCluster is owned by a helper process (`python multinode_lib.py --serve`, driven over a pipe), never by the
 caller's process: an in-process GCS client of a cluster that has been shut down makes Ray terminate its process
 60 s later ("Failed to connect to GCS within 60 seconds"), which would kill a pytest session that goes on to
 other modules. The caller stays free of Ray state, so an in-process Ray of other tests is untouched. The helper
 shuts the cluster down when the pipe closes, also when its caller dies.
 
-The cluster lives in its own Ray temp dir (RAY_TMPDIR, set in the helper only): `Cluster` writes its address
+LocalCluster lives in its own Ray temp dir (RAY_TMPDIR, set in the helper only): `Cluster` writes its address
 to `<temp>/ray/ray_current_cluster`, and a plain `ray.init()` anywhere on the machine (other test sessions
 included) would join the newest address found there. Drivers join it by its explicit address
 (`run.ray_address=…`).
@@ -240,6 +245,9 @@ class LocalCluster:
         node_id (the last node it lived on), num_restarts (Ray's state API, served by the head's dashboard)."""
         return [SimpleNamespace(**a) for a in self._call("actors") if class_name in a["class_name"]]
 
+    def driver_env(self) -> dict | None:
+        return None  # this process's own
+
     def shutdown(self) -> None:
         if self._proc.poll() is None:
             try:
@@ -252,6 +260,70 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+class RoleNodes:
+    """Trainer and scorer nodes added to a running `ray start` head (tests/local_ray_cluster.py `LocalRayCluster`, the
+    test session's shared cluster), with LocalCluster's interface: the multi-node tests run on either.
+
+    Each node is its own `ray start --address … --block` (own raylet, object store, temp dir; 1 logical CPU, a role
+    resource and a `role` label); `remove` kills every process of the node at once. The head has no role resource,
+    so nothing pinned to a role runs there, and it survives every removal."""
+
+    def __init__(self, head, trainers: int = 2, scorers: int = 1, cpus_per_node: int = 1, object_store_mb: int = 200,
+                 env: dict | None = None):
+        self.head, self.cpus_per_node, self.object_store_mb = head, cpus_per_node, object_store_mb
+        self.env = dict(env or {})
+        self.address: str = head.gcs_address
+        self.roles: dict[str, list[str]] = {"head": [], "trainer": [], "scorer": []}  # live node ids
+        self.role_by_id: dict[str, str] = {}  # every node ever added, removed ones included
+        self.removed: set[str] = set()
+        self._nodes: dict[str, object] = {}  # live node id → the head's WorkerNode
+        self._track("head", head.head_node_id)
+        try:
+            for role, n in (("trainer", trainers), ("scorer", scorers)):
+                for _ in range(n):
+                    self.add(role)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _track(self, role: str, node_id: str) -> str:
+        self.roles[role].append(node_id)
+        self.role_by_id[node_id] = role
+        return node_id
+
+    def add(self, role: str) -> str:
+        """Start a node of a role (`trainer` or `scorer`); returns its node id once the GCS lists it alive."""
+        node = self.head.add_node(num_cpus=self.cpus_per_node, resources=ROLE_RESOURCES[role], labels={"role": role},
+                                  object_store_bytes=self.object_store_mb * 1024 * 1024, env=self.env)
+        self._nodes[node.node_id] = node
+        return self._track(role, node.node_id)
+
+    def remove(self, node_id: str) -> None:
+        """Kill every process of a node at once (SIGKILL: a crash, not a drain)."""
+        self.head.kill_node(self._nodes.pop(node_id))
+        self.roles[self.role_by_id[node_id]].remove(node_id)
+        self.removed.add(node_id)
+
+    def role_of(self, node_id: str) -> str | None:
+        return self.role_by_id.get(node_id)
+
+    def actors(self, class_name: str) -> list[SimpleNamespace]:
+        """Actors whose class name contains `class_name`, dead ones included (see LocalCluster.actors)."""
+        return [SimpleNamespace(**a) for a in self.head.actors() if class_name in a["class_name"]]
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.head.diagnostics().splitlines()[-lines:])
+
+    def driver_env(self) -> dict:
+        """A driver's environment: the head's marker (its teardown finds a straggler) and its auth mode."""
+        return self.head.env()
+
+    def shutdown(self) -> None:
+        """Remove every node this object added; the head goes on (it belongs to the session)."""
+        for node_id in list(self._nodes):
+            self.remove(node_id)
+
+
 class Driver:
     """A `loft-dist run` process joined to the cluster; its output goes to a log file read on failure."""
 
@@ -262,7 +334,8 @@ class Driver:
                f"run.ray_address={cluster.address}", *overrides]
         self.cmd = " ".join(cmd)
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=cluster.driver_env())
         self.t0 = time.time()
 
     def running(self) -> bool:

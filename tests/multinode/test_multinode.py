@@ -1,8 +1,9 @@
 """Multi-node, proven on one machine: placement through config, shared storage, and losing a node mid-round.
 
-Every run is `loft-dist run configs/tiny.yaml` joined to the 4-node local cluster of conftest.py; where workers
-and actors ran comes from two independent records: the node ids the train loop writes into its metrics
-(`worker_nodes`, by rank) and Ray's state API (which node each actor lived on, and how often it restarted).
+Every run is `loft-dist run configs/tiny.yaml` joined to the 4-node local cluster of conftest.py (the session's
+`ray start` head and three role nodes of this module's own); where workers and actors ran comes from two independent
+records: the node ids the train loop writes into its metrics (`worker_nodes`, by rank) and Ray's state API (which
+node each actor lived on, and how often it restarted).
 """
 
 from __future__ import annotations
