@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in RUN_DIR_COMMANDS:
             return RUN_DIR_COMMANDS[args.command](args)
-        return CONFIG_COMMANDS[args.command](load_config(getattr(args, "config", None), args.overrides))
+        cfg = load_config(getattr(args, "config", None), args.overrides)
+        if cfg.run.s3_endpoint:  # read by pyarrow, boto3 and Ray's S3 client alike; init_ray forwards it to workers
+            os.environ["AWS_ENDPOINT_URL_S3"] = cfg.run.s3_endpoint
+        return CONFIG_COMMANDS[args.command](cfg)
     except LoftError as e:  # the user can fix it: one line; anything else is a bug and keeps its traceback
         print(f"loft-dist: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -109,6 +109,11 @@ class RunConfig:
     ray_address: Optional[str] = setting(None, resumable=True)
     num_cpus: Optional[int] = setting(None, resumable=True)  # logical CPUs of a local Ray (None: the machine's count)
     object_store_mb: int = setting(1024, resumable=True)  # cap of a local Ray's object store
+    # One driver per run: a second one stops while the first's lease (renewed every timeout / 4) is fresh; a lease
+    # older than this is taken over (a killed driver's). Above the longest pause a busy driver may have.
+    lease_timeout_s: float = setting(60.0, gt=0, resumable=True)
+    # An S3-compatible server (MinIO, Ceph, a test server) for every s3:// location: exported as AWS_ENDPOINT_URL_S3.
+    s3_endpoint: str = setting("", resumable=True)
 
 
 _SOURCES = ("cifar10", "cifar100", "imagefolder", "manifest")  # the sources that read from a path

@@ -25,3 +25,7 @@ class StorageError(LoftError, FileNotFoundError):
 
 class WeightsError(LoftError, FileNotFoundError):
     """Weights or a checkpoint that cannot be loaded into the configured model."""
+
+
+class LeaseError(LoftError, RuntimeError):
+    """Another driver holds the run (or the scoring output) this command would write."""

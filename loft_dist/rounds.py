@@ -19,6 +19,9 @@ from omegaconf import OmegaConf
 from loft_dist.config import Config, ConfigError, resumable_keys, to_dict, to_yaml
 from loft_dist.data.store import read_dataset_info, write_json_atomic
 from loft_dist.errors import DataError, StorageError
+from loft_dist.lease import Lease
+
+LEASE_FILE = "lease.json"
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +206,22 @@ def _check_phase_outputs(ctx: RunContext, done: list[Phase]) -> None:
 
 def run(cfg: Config) -> dict:
     """Run (or resume) every phase of the table; returns the report's summary."""
-    from loft_dist.algorithms import get_method
-    from loft_dist.eval.report import write_report
     from loft_dist.runtime import preflight
-    from loft_dist.tracking import Tracker
 
     preflight(cfg)  # an unwritable run.storage_path or a missing weights file fails here, before Ray starts
     run_dir = Path(cfg.run_dir).resolve()  # workers and actors run in other directories
-    _check_same_run(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # One driver per run: a second one (a re-submitted job, a second terminal) stops here, having written nothing.
+    with Lease(str(run_dir / LEASE_FILE), f"run {run_dir}", cfg.run.lease_timeout_s) as lease:
+        return _run_leased(cfg, run_dir, lease)
+
+
+def _run_leased(cfg: Config, run_dir: Path, lease) -> dict:
+    from loft_dist.algorithms import get_method
+    from loft_dist.eval.report import write_report
+    from loft_dist.tracking import Tracker
+
+    _check_same_run(cfg, run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     state = RunState(run_dir)
     R = cfg.rounds.num_rounds if get_method(cfg.algorithm.name).trains else 0  # zero-shot: round 0 is the run
@@ -226,8 +236,10 @@ def run(cfg: Config) -> dict:
     ctx.tracker.log_params(to_dict(cfg), resumable=resumable_keys())
     try:
         for i, p in enumerate(todo):
+            lease.check()
             t0 = time.time()
             STEPS[p.step](ctx, p.round)
+            lease.check()  # a driver that lost its lease records nothing more
             state.complete(p.name, time.time() - t0)
             left = len(todo) - i - 1
             log.info("phase %s done in %.1f s; %d phases left, ETA %.0f s", p.name, state.times[-1], left,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,8 @@ def preflight(cfg) -> None:
     weights file exists."""
     from loft_dist.models.clip import WEIGHT_SUFFIXES, MissingWeightsError, check_model_name
 
+    from loft_dist.storage import check_writable
+
     check_writable(cfg.run.storage_path, "run.storage_path")
     check_model_name(cfg.model.name)
     p = cfg.model.pretrained
@@ -25,20 +26,6 @@ def preflight(cfg) -> None:
         raise MissingWeightsError(
             f"model.pretrained={p!r}: no such file. Place the {cfg.model.name} weights there (a .pt/.bin/.safetensors "
             f"state dict), or set model.pretrained to the file's path (on a cluster: a path every node sees)")
-
-
-def check_writable(directory: str, key: str) -> None:
-    """Create `directory` if needed and write a file in it; a ConfigError naming `key` if that fails."""
-    if "://" in str(directory):
-        return  # an object store: checked by whoever writes there first
-    d = Path(directory)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=d, prefix=".loft-dist-write-check-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{key}={directory}: cannot create or write a directory there ({e.strerror or e}); set "
-                          f"{key} to a writable directory (on a cluster: the shared volume every node mounts)") from e
 
 
 def init_ray(run_cfg, use_gpu: bool = False) -> bool:
@@ -49,8 +36,9 @@ def init_ray(run_cfg, use_gpu: bool = False) -> bool:
 
     # Tracking settings reach the train workers too (rank 0 logs epoch curves), also on a remote cluster; so does
     # the CLI's HF_HUB_OFFLINE (actors that load a pretrained tag fail at once offline instead of retrying).
-    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "HF_HUB_OFFLINE")
-           if k in os.environ}
+    # run.s3_endpoint (AWS_ENDPOINT_URL_S3) too: actors and workers open s3:// locations of the same store.
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "HF_HUB_OFFLINE",
+                                      "AWS_ENDPOINT_URL_S3") if k in os.environ}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed picks its CPU accelerator and gloo inside train workers
     started = False

@@ -63,6 +63,24 @@ def ray_cluster():
     cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API server on 127.0.0.1 for the whole session; this process (and every process it starts, Ray's
+    included) reaches it through the AWS_* environment, as users reach theirs."""
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     if not SHARED.is_dir():
@@ -76,9 +94,12 @@ def _shared_ray_group(item) -> int:
 
 
 def pytest_itemcollected(item):
-    """Before -m selects: a test that starts or uses a shared Ray is slow, marked or not."""
+    """Before -m selects: a test that starts or uses a shared Ray is slow, one on the S3 server is s3, marked or
+    not."""
     if _shared_ray_group(item):
         item.add_marker(pytest.mark.slow)
+    if "s3_server" in item.fixturenames:
+        item.add_marker(pytest.mark.s3)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: the last user found here is the last one that runs

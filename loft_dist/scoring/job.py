@@ -202,7 +202,9 @@ def scoring_ask(cfg):
 def run_score_job(cfg) -> int:
     """`loft-dist score`: pseudo-label an arbitrary pool with a checkpoint; resumable chunk by chunk."""
     from loft_dist.algorithms import load_model
-    from loft_dist.runtime import check_fits, check_writable, init_ray
+    from loft_dist.lease import Lease
+    from loft_dist.runtime import check_fits, init_ray
+    from loft_dist.storage import check_writable
 
     s = cfg.scoring
     if not s.input or not s.output:
@@ -223,10 +225,13 @@ def run_score_job(cfg) -> int:
     # The scorer's model, built once here before Ray starts: what would kill every scoring actor (an unknown
     # model.name, a corrupt checkpoint or one of another method or classes) is one error line instead.
     load_model(cfg, class_names, s.checkpoint or None)
-    check_fits([scoring_ask(cfg)], strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
-    return score_shards(cfg, paths, str(Path(s.output).resolve()), class_names=class_names,
-                        mode="teacher" if s.checkpoint else "zero_shot",
-                        checkpoint=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, label="pool")
+    out = Path(s.output).resolve()
+    # One job per output: a second `loft-dist score` into it stops before Ray starts, having written nothing.
+    with Lease(str(out.with_name(f".{out.name}.lease.json")), f"scoring.output={s.output}", cfg.run.lease_timeout_s):
+        check_fits([scoring_ask(cfg)], strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
+        return score_shards(cfg, paths, str(out), class_names=class_names,
+                            mode="teacher" if s.checkpoint else "zero_shot",
+                            checkpoint=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, label="pool")
 
 
 def _class_names(cfg, checkpoint: str) -> list[str]:
