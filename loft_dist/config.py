@@ -387,11 +387,15 @@ class Config:
 
     @property
     def run_dir(self) -> str:
-        return str(Path(self.run.storage_path) / self.run.name)
+        from loft_dist.storage import join
+
+        return join(self.run.storage_path, self.run.name)  # a URI stays a URI
 
     @property
     def data_root(self) -> str:
-        return self.data.root or str(Path(self.run_dir) / "data")
+        from loft_dist.storage import join
+
+        return self.data.root or join(self.run_dir, "data")
 
     def check(self) -> None:
         """The rules across fields, section by section, then the one across sections: the method's peft.method."""

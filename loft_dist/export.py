@@ -19,9 +19,10 @@ import datetime as _dt
 import json
 import platform
 import shutil
-import uuid
+import tempfile
 from pathlib import Path
 
+from loft_dist import storage
 from loft_dist.errors import StorageError, WeightsError
 
 EXPORT_FILE = "export.json"
@@ -36,18 +37,10 @@ VIEW = "clean"  # the test-time transform of the evaluation (SPEC G.9: resize, n
 def completed_rounds(run_dir: str | Path) -> list[int]:
     """Rounds >= 1 whose checkpoint and metrics are in place (and, when state.json exists, whose eval phase
     is recorded complete): the rounds an export may take. Round 0 is zero-shot CLIP and has no checkpoint."""
-    run_dir = Path(run_dir)
-    state = run_dir / "state.json"
-    done = set(json.loads(state.read_text())["completed"]) if state.is_file() else None
-    out = []
-    for d in (run_dir / "rounds").glob("r*"):
-        if not d.name[1:].isdigit() or int(d.name[1:]) < 1:
-            continue
-        r = int(d.name[1:])
-        if (d / "checkpoint" / "head.safetensors").is_file() and (d / "metrics.json").is_file() \
-                and (done is None or f"r{r}.eval" in done):
-            out.append(r)
-    return sorted(out)
+    lay = storage.RunLayout(str(run_dir))
+    done = set(storage.read_json(lay.state)["completed"]) if storage.is_file(lay.state) else None
+    return [r for r in lay.rounds() if r >= 1 and storage.is_file(storage.join(lay.checkpoint(r), "head.safetensors"))
+            and storage.is_file(lay.metrics(r)) and (done is None or f"r{r}.eval" in done)]
 
 
 def _versions() -> dict[str, str]:
@@ -93,14 +86,48 @@ def _round_to_export(run_dir: Path, round_idx: int | None) -> int:
 
 def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None = None) -> Path:
     """Copy round `round_idx` (default: the last completed) of a run into `out_dir` with export.json and a
-    model card. An existing `out_dir` is replaced only when it is empty or an earlier export."""
+    model card. An existing `out_dir` is replaced only when it is empty or an earlier export. The run dir may be
+    an object-store URI: what the export reads of it is fetched first (never the tables, never optimizer state)."""
+    if not storage.is_uri(str(run_dir)) or storage.is_local(str(run_dir)):
+        return _export_round(Path(storage.resolve(str(run_dir))[1]), Path(out_dir), round_idx, str(run_dir))
+    with tempfile.TemporaryDirectory(prefix="loft_dist-export-") as tmp:
+        _fetch_for_export(str(run_dir), Path(tmp))
+        return _export_round(Path(tmp), Path(out_dir), round_idx, str(run_dir))
+
+
+def _fetch_for_export(run_uri: str, local: Path) -> None:
+    """The parts of a remote run dir an export reads: config.yaml, state.json, data/dataset.json, and of each round
+    its metrics.json and checkpoint without the DeepSpeed state."""
+    from loft_dist.models.checkpoint import DS_DIR
+
+    if not storage.is_file(storage.join(run_uri, "config.yaml")):
+        raise StorageError(f"{storage.join(run_uri, 'config.yaml')} not found: {run_uri} is not a loft_dist run dir")
+    for rel in ("config.yaml", "state.json", "data/dataset.json"):
+        if storage.is_file(storage.join(run_uri, rel)):
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            (local / rel).write_bytes(storage.read_bytes(storage.join(run_uri, rel)))
+    for rnd in storage.listdir(storage.join(run_uri, "rounds")):
+        remote = storage.join(run_uri, "rounds", rnd)
+        files = ["metrics.json"] + [f"checkpoint/{n}" for n in storage.listdir(storage.join(remote, "checkpoint"))
+                                    if n != DS_DIR]
+        for rel in files:
+            src, dst = storage.join(remote, rel), local / "rounds" / rnd / rel
+            if storage.is_file(src):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(storage.read_bytes(src))
+            elif storage.is_dir(src):
+                with storage.local_dir(src) as d:
+                    shutil.copytree(d, dst)
+
+
+def _export_round(run_dir: Path, out: Path, round_idx: int | None, run_name: str) -> Path:
     from loft_dist.config import ConfigError, from_dict
     from loft_dist.data.store import find_dataset_info, load_run_config
     from loft_dist.models.checkpoint import DS_DIR
 
-    run_dir, out = Path(run_dir), Path(out_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise StorageError(f"{run_dir / 'config.yaml'} not found: {run_dir} is not a loft_dist run dir")
+    lay = storage.RunLayout(str(run_dir))
+    if not storage.is_file(lay.config):
+        raise StorageError(f"{lay.config} not found: {run_dir} is not a loft_dist run dir")
     r = _round_to_export(run_dir, round_idx)
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_FILE).is_file():
         raise ConfigError(f"--out={out} is not allowed: it exists, is not empty and is not a loft_dist export; "
@@ -108,26 +135,25 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
     cfg_dict = load_run_config(run_dir)
     cfg = from_dict(cfg_dict)  # validates the sections export.json will carry
     info = find_dataset_info(run_dir, cfg_dict)
-    rdir = run_dir / "rounds" / f"r{r}"
-    metrics = json.loads((rdir / "metrics.json").read_text())
-    ckpt = rdir / "checkpoint"
+    metrics = storage.read_json(lay.metrics(r))
+    ckpt = Path(lay.checkpoint(r))
     train_state = json.loads((ckpt / "train_state.json").read_text()) if (ckpt / "train_state.json").is_file() else {}
     # dataset.json may live on storage the exporting machine cannot see; newer checkpoints carry the names too
     names = info["class_names"] if info else train_state.get("class_names")
     if names is None:
         raise StorageError(f"dataset.json of {run_dir} not found (data.root={cfg.data.root!r}, or "
-                                f"{run_dir / 'data'}) and the checkpoint names no classes: the export needs them")
+                                f"{lay.data}) and the checkpoint names no classes: the export needs them")
 
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "class_names": names,
         "model": cfg_dict["model"], "peft": cfg_dict["peft"], "algorithm": cfg_dict["algorithm"],
         "image_size": cfg.data.image_size, "view": VIEW,
-        "round": r, "run": {"name": run_dir.name, "dir": str(run_dir.resolve())},
+        "round": r, "run": {"name": storage.name(run_name), "dir": storage.absolute(run_name)},
         "metrics": _headline(metrics), "train_state": train_state,
         "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = Path(storage.staging(str(out.resolve())))
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
@@ -135,14 +161,13 @@ def export_round(run_dir: str | Path, out_dir: str | Path, round_idx: int | None
                           f"directory") from e
     try:
         for item in ckpt.iterdir():
-            if item.name == DS_DIR:  # optimizer state for exact resume: large, and useless for inference
+            if item.name in (DS_DIR, storage.SUCCESS):  # optimizer state for exact resume: large, and useless for
+                # inference; the commit marker belongs to the run dir's copy
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2, allow_nan=False))
         (tmp / "README.md").write_text(model_card(meta, cfg_dict, info))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        storage.commit(str(tmp), str(out.resolve()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -28,6 +28,7 @@ from loft_dist import storage
 from loft_dist.errors import ConfigError, LeaseError
 
 log = logging.getLogger(__name__)
+LOCK_WAIT_S = 30.0
 
 
 class _LocalBackend:
@@ -43,7 +44,16 @@ class _LocalBackend:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:  # held for microseconds at a time; a holder frozen inside it must not hang this driver
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise LeaseError(f"{self.lock} stayed locked for {LOCK_WAIT_S:g} s: another driver is stuck "
+                                         f"while changing the lease; stop it, or remove {self.lock} if none runs")
+                    time.sleep(0.05)
             yield
         finally:
             os.close(fd)  # closing releases the lock

@@ -8,20 +8,18 @@ skips completed phases and redoes a half-written one.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from loft_dist.config import Config, ConfigError, resumable_keys, to_dict, to_yaml
-from loft_dist.data.store import read_dataset_info, write_json_atomic
+from loft_dist import storage
+from loft_dist.data.store import read_dataset_info
 from loft_dist.errors import DataError, StorageError
 from loft_dist.lease import Lease
-
-LEASE_FILE = "lease.json"
+from loft_dist.storage import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +27,21 @@ log = logging.getLogger(__name__)
 class RunState:
     """state.json: the list of completed phases, rewritten atomically after each phase."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "state.json"
-        self.done: list[str] = json.loads(self.path.read_text())["completed"] if self.path.is_file() else []
+    def __init__(self, layout: RunLayout):
+        self.path = layout.state
+        self.done: list[str] = storage.read_json(self.path)["completed"] if storage.is_file(self.path) else []
         self.times: list[float] = []
 
     def complete(self, phase: str, seconds: float) -> None:
         self.times.append(seconds)
         self.done.append(phase)
-        write_json_atomic(self.path, {"completed": self.done})
+        storage.write_json(self.path, {"completed": self.done})
 
 
-def _check_same_run(cfg: Config, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
+def _check_same_run(cfg: Config, layout: RunLayout) -> None:
+    if not storage.is_file(layout.config):
         return
-    old = OmegaConf.to_container(OmegaConf.load(saved))
+    old = OmegaConf.to_container(OmegaConf.create(storage.read_text(layout.config)))
     new = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
     diffs = []
     for section, values in new.items():
@@ -53,7 +50,7 @@ def _check_same_run(cfg: Config, run_dir: Path) -> None:
             if name not in resumable_keys() and old.get(section, {}).get(key) != value:
                 diffs.append(f"{name}: {old.get(section, {}).get(key)!r} → {value!r}")
     if diffs:
-        raise ConfigError(f"{run_dir} holds a run with another config ({'; '.join(diffs)}); resume it with its own "
+        raise ConfigError(f"{layout.root} holds a run with another config ({'; '.join(diffs)}); resume it with its own "
                           f"config, or start a new run with run.name=<new name>")
 
 
@@ -74,19 +71,16 @@ def phase_table(num_rounds: int) -> list[Phase]:
 class RunContext:
     """What the phases of one run share: the config, where things go, the dataset's facts, Ray, the tracker."""
     cfg: Config
-    run_dir: Path
+    layout: RunLayout
     root: str  # the dataset root (a URI stays a URI)
     num_rounds: int
     tracker: object = None
     _info: dict | None = None
     _ray: bool = False
 
-    def round_dir(self, r: int) -> Path:
-        return self.run_dir / "rounds" / f"r{r}"
-
     def checkpoint(self, r: int) -> str | None:
         """The model a phase of round r starts from; round 1 starts from the text prototypes (no checkpoint)."""
-        return str(self.round_dir(r) / "checkpoint") if r >= 1 else None
+        return self.layout.checkpoint(r) if r >= 1 else None
 
     @property
     def info(self) -> dict:
@@ -128,11 +122,11 @@ def _score(ctx: RunContext, r: int) -> None:
                         f"data.protocol=lt, data.labeled_percent < 100 for percent, or OOD images: data.ood_ratio, "
                         f"data.ood_count), or set rounds.num_rounds=0 to evaluate zero-shot only")
     ctx.ray()
-    table = ctx.round_dir(r) / "pseudo_labels"
-    rows = score_split(ctx.cfg, ctx.root, "unlabeled", str(table), class_names=ctx.info["class_names"],
+    table = ctx.layout.pseudo_labels(r)
+    rows = score_split(ctx.cfg, ctx.root, "unlabeled", table, class_names=ctx.info["class_names"],
                        mode="zero_shot" if r == 0 else "teacher", checkpoint=ctx.checkpoint(r - 1),
-                       zs_table=str(ctx.round_dir(0) / "pseudo_labels") if r >= 1 else None)
-    quarantine(table, ctx.run_dir, "unlabeled")
+                       zs_table=ctx.layout.pseudo_labels(0) if r >= 1 else None)
+    quarantine(table, ctx.layout.root, "unlabeled")
     n = pool_decisions(table)
     log.info("round %d pseudo-labels: %d rows scored; accepted hard %d, soft %d; rejected (MSP <= c_ood) %d; "
              "OOD (zero-shot filter) %d", r, rows, n["hard"], n["soft"], n["rejected"], n["ood"])
@@ -146,17 +140,17 @@ def _train(ctx: RunContext, r: int) -> None:
 
     cfg, info = ctx.cfg, ctx.info
     ctx.ray()
-    zs_table = str(ctx.round_dir(0) / "pseudo_labels")
-    pl_table = str(ctx.round_dir(r) / "pseudo_labels") if get_method(cfg.algorithm.name).pseudo_labels else None
+    zs_table = ctx.layout.pseudo_labels(0)
+    pl_table = ctx.layout.pseudo_labels(r) if get_method(cfg.algorithm.name).pseudo_labels else None
     kept = stage1_kept_ids(zs_table, cfg) if cfg.algorithm.mode == "online" else None
     ds, what = round_datasets(ctx.root, cfg, len(info["class_names"]), pl_table, zs_table, kept)
     log.info("round %d train set (%s): %d %s", r, cfg.algorithm.name, info["rows"]["labeled"], what)
     counts = info["counts"]["labeled"]
     metrics = fit_round(cfg, ds, class_names=info["class_names"], prior=[c / sum(counts) for c in counts],
                         init_checkpoint=ctx.checkpoint(r - 1), round_idx=r,
-                        storage_path=str(ctx.run_dir / "ray_train"), out_dir=str(ctx.round_dir(r) / "checkpoint"),
-                        tracking_dir=str(ctx.run_dir))
-    write_json_atomic(ctx.round_dir(r) / "train_metrics.json", metrics)
+                        storage_path=ctx.layout.ray_train, out_dir=ctx.layout.checkpoint(r),
+                        tracking_dir=ctx.layout.root)
+    storage.write_json(ctx.layout.train_metrics(r), metrics)
 
 
 def _evaluate(ctx: RunContext, r: int) -> None:
@@ -170,12 +164,12 @@ def _evaluate(ctx: RunContext, r: int) -> None:
     mode = "zero_shot" if r == 0 else "eval"
     for split in ("test", "ood_test"):
         if split == "test" or split_exists(ctx.root, split):
-            out = ctx.round_dir(r) / "predictions" / split
-            score_split(ctx.cfg, ctx.root, split, str(out), class_names=ctx.info["class_names"], mode=mode,
+            out = ctx.layout.predictions(r, split)
+            score_split(ctx.cfg, ctx.root, split, out, class_names=ctx.info["class_names"], mode=mode,
                         checkpoint=ctx.checkpoint(r))
-            quarantine(out, ctx.run_dir, split)
-    m = evaluate_round(ctx.cfg, ctx.round_dir(r), classes=ctx.info["class_names"],
-                       labeled_counts=ctx.info["counts"]["labeled"], round_idx=r, mode=mode)
+            quarantine(out, ctx.layout.root, split)
+    m = evaluate_round(ctx.cfg, ctx.layout, r, classes=ctx.info["class_names"],
+                       labeled_counts=ctx.info["counts"]["labeled"], mode=mode)
     ctx.tracker.log_round(r, m)
     g = m["test"]["groups"]
     log.info("round %d eval: accuracy %.4f (many %s, medium %s, few %s), balanced %.4f", r, m["test"]["accuracy"],
@@ -188,17 +182,18 @@ STEPS = {"prepare": _prepare, "score": _score, "train": _train, "eval": _evaluat
 def _check_phase_outputs(ctx: RunContext, done: list[Phase]) -> None:
     """The tables of the phases state.json records complete are whole (_SUCCESS), or the phases after them would read
     part of one (a run dir copied without its _SUCCESS markers, files deleted). Checked before Ray starts."""
-    from loft_dist.data.pseudo_labels import SUCCESS, is_complete
+    from loft_dist.data.pseudo_labels import is_complete
+    from loft_dist.storage import SUCCESS
 
+    lay = ctx.layout
     for p in done:
-        rd = ctx.round_dir(p.round)
-        ood = rd / "predictions" / "ood_test"  # where the dataset has one
-        tables = {"score": [rd / "pseudo_labels"],
-                  "eval": [rd / "predictions" / "test"] + ([ood] if ood.exists() else [])}.get(p.step, [])
+        ood = lay.predictions(p.round, "ood_test")  # where the dataset has one
+        tables = {"score": [lay.pseudo_labels(p.round)],
+                  "eval": [lay.predictions(p.round, "test")] + ([ood] if storage.exists(ood) else [])}.get(p.step, [])
         for t in tables:
             if not is_complete(t):
                 raise StorageError(
-                    f"{t} has no {SUCCESS}, yet {ctx.run_dir / 'state.json'} records phase {p.name} complete: the "
+                    f"{t} has no {SUCCESS}, yet {lay.state} records phase {p.name} complete: the "
                     f"table is partial (copied without its {SUCCESS} marker, or files removed) and later phases would "
                     f"read it. Restore it from the original run dir, or delete {p.name!r} and every phase after it "
                     f"from state.json to redo them")
@@ -209,30 +204,28 @@ def run(cfg: Config) -> dict:
     from loft_dist.runtime import preflight
 
     preflight(cfg)  # an unwritable run.storage_path or a missing weights file fails here, before Ray starts
-    run_dir = Path(cfg.run_dir).resolve()  # workers and actors run in other directories
-    run_dir.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(cfg.run_dir)  # absolute: workers and actors run in other directories
     # One driver per run: a second one (a re-submitted job, a second terminal) stops here, having written nothing.
-    with Lease(str(run_dir / LEASE_FILE), f"run {run_dir}", cfg.run.lease_timeout_s) as lease:
-        return _run_leased(cfg, run_dir, lease)
+    with Lease(layout.lease, f"run {layout.root}", cfg.run.lease_timeout_s) as lease:
+        return _run_leased(cfg, layout, lease)
 
 
-def _run_leased(cfg: Config, run_dir: Path, lease) -> dict:
+def _run_leased(cfg: Config, layout: RunLayout, lease) -> dict:
     from loft_dist.algorithms import get_method
     from loft_dist.eval.report import write_report
     from loft_dist.tracking import Tracker
 
-    _check_same_run(cfg, run_dir)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    state = RunState(run_dir)
+    _check_same_run(cfg, layout)
+    storage.write_text(layout.config, to_yaml(cfg))
+    state = RunState(layout)
     R = cfg.rounds.num_rounds if get_method(cfg.algorithm.name).trains else 0  # zero-shot: round 0 is the run
     table = phase_table(R)
     todo = [p for p in table if p.name not in state.done]
-    log.info("run %s: %d rounds, %d of %d phases to do%s", run_dir, R, len(todo), len(table),
+    log.info("run %s: %d rounds, %d of %d phases to do%s", layout.root, R, len(todo), len(table),
              f" (resuming after {state.done[-1]})" if state.done else "")
-    root = cfg.data_root if "://" in cfg.data_root else str(Path(cfg.data_root).resolve())
-    ctx = RunContext(cfg, run_dir, root, R)
+    ctx = RunContext(cfg, layout, storage.absolute(cfg.data_root), R)
     _check_phase_outputs(ctx, [p for p in table if p.name in state.done])
-    ctx.tracker = Tracker(run_dir)  # TensorBoard (and MLflow when configured) beside the run's files
+    ctx.tracker = Tracker(layout.root)  # TensorBoard (and MLflow when configured) beside the run's files
     ctx.tracker.log_params(to_dict(cfg), resumable=resumable_keys())
     try:
         for i, p in enumerate(todo):
@@ -246,8 +239,8 @@ def _run_leased(cfg: Config, run_dir: Path, lease) -> dict:
                      left * sum(state.times) / len(state.times))
     finally:
         ctx.tracker.close(finished=len(state.done) == len(table))
-    summary = write_report(run_dir)
-    log.info("report: %s", run_dir / "report" / "report.md")
+    summary = write_report(layout.root)
+    log.info("report: %s", storage.join(layout.report, "report.md"))
     return summary
 
 

@@ -181,6 +181,18 @@ def remove(location: str) -> None:
         fs.delete_file(p)
 
 
+def move(src: str, dst: str) -> None:
+    """One file, within one store (a rename locally, copy + delete on an object store)."""
+    fs, s = resolve(src)
+    _, d = resolve(dst)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            Path(d).parent.mkdir(parents=True, exist_ok=True)
+        fs.move(s, d)
+    except OSError as e:
+        raise _storage_error(dst, "write", e) from e
+
+
 def staging(final: str) -> str:
     """A fresh staging location beside `final`, for `commit`."""
     return join(parent(final), f".{name(final)}.tmp-{uuid.uuid4().hex[:8]}")
@@ -276,13 +288,18 @@ def local_dir(location: str) -> Iterator[Path]:
 
 
 def check_writable(location: str, key: str) -> None:
-    """Create `location` if needed and write (then delete) a file in it: an unwritable directory, a missing bucket,
-    no credentials or a read-only bucket fail here, in one line naming the config key, before any work starts."""
-    probe = join(location, f".loft-dist-write-check-{uuid.uuid4().hex[:8]}")
+    """Create `location` if needed and write (then delete) a file beside it: an unwritable directory, a missing
+    bucket, no credentials or a read-only bucket fail here, in one line naming the config key, before any work
+    starts. Beside, not in it: a refused second driver must not touch what the first is writing (on S3, deleting a
+    directory's last file makes pyarrow write a marker for the directory)."""
+    fs, p = resolve(location)
+    inside = "/" not in p.strip("/")  # a bucket itself: nothing beside it
+    probe = join(location if inside else parent(location),
+                 f".{'' if inside else name(location) + '.'}loft-dist-write-check-{uuid.uuid4().hex[:8]}")
     fs, p = resolve(probe)
     if isinstance(fs, pafs.LocalFileSystem):
         try:
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            Path(resolve(location)[1]).mkdir(parents=True, exist_ok=True)
             Path(p).write_bytes(b"")
             Path(p).unlink()
         except OSError as e:
@@ -309,3 +326,54 @@ def _storage_error(location: str, action: str, e: BaseException, key: str = "") 
     else:
         hint = f"check that the directory exists or can be created and that this user may {action} it"
     return StorageError(f"cannot {action} {where}: {text}; {hint}")
+
+
+class RunLayout:
+    """Every location of a run, named once: the driver, scoring, training, evaluation, the report and export all
+    take their paths from here. `root` is the run dir: a local path (made absolute) or an object-store URI."""
+
+    CONFIG, STATE, LEASE = "config.yaml", "state.json", "lease.json"
+
+    def __init__(self, root: str):
+        self.root = absolute(str(root))
+
+    def __repr__(self) -> str:
+        return f"RunLayout({self.root!r})"
+
+    def file(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    @property
+    def name(self) -> str:
+        return name(self.root)
+
+    config = property(lambda self: self.file(self.CONFIG))
+    state = property(lambda self: self.file(self.STATE))
+    lease = property(lambda self: self.file(self.LEASE))
+    data = property(lambda self: self.file("data"))  # the dataset when data.root is ""
+    quarantine = property(lambda self: self.file("quarantine"))
+    report = property(lambda self: self.file("report"))
+    ray_train = property(lambda self: self.file("ray_train"))  # Ray Train's storage_path
+
+    def round_dir(self, r: int) -> str:
+        return self.file("rounds", f"r{r}")
+
+    def rounds(self) -> list[int]:
+        """The round numbers with a directory, in order."""
+        names = listdir(self.file("rounds"))
+        return sorted(int(n[1:]) for n in names if n.startswith("r") and n[1:].isdigit())
+
+    def pseudo_labels(self, r: int) -> str:
+        return join(self.round_dir(r), "pseudo_labels")
+
+    def predictions(self, r: int, split: str) -> str:
+        return join(self.round_dir(r), "predictions", split)
+
+    def checkpoint(self, r: int) -> str:
+        return join(self.round_dir(r), "checkpoint")
+
+    def metrics(self, r: int) -> str:
+        return join(self.round_dir(r), "metrics.json")
+
+    def train_metrics(self, r: int) -> str:
+        return join(self.round_dir(r), "train_metrics.json")

@@ -15,12 +15,14 @@ a training epoch's under `epoch/` (`epoch/loss`, step = global epoch over all ro
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
+
+from loft_dist import storage
 
 log = logging.getLogger(__name__)
 TB_DIR = "tensorboard"
@@ -67,7 +69,11 @@ class Tracker:
     """Scalars of one run, to TensorBoard (if installed) and MLflow (if installed and configured)."""
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.absolute(str(run_dir))
+        # TensorBoard writes local files only: for a run dir in object storage, into a temporary directory that is
+        # copied to <run dir>/tensorboard after every flush (each writer's own event file, so writers never collide).
+        self._remote = storage.is_uri(self.run_dir) and not storage.is_local(self.run_dir)
+        self._tb_dir = tempfile.mkdtemp(prefix="loft_dist-tb-") if self._remote else storage.join(self.run_dir, TB_DIR)
         self._tb = None
         self._mlflow = None  # (client, run_id)
         try:
@@ -76,7 +82,7 @@ class Tracker:
             _warn_once("tensorboard", "tensorboard is not installed: no TensorBoard logs are written "
                        "(pip install tensorboard)")
         else:
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
+            self._tb = SummaryWriter(log_dir=self._tb_dir)
         if os.environ.get("MLFLOW_TRACKING_URI"):
             try:
                 import mlflow  # noqa: F401
@@ -90,19 +96,26 @@ class Tracker:
 
         try:
             client = MlflowClient()
-            state = self.run_dir / MLFLOW_FILE
-            if state.is_file():
-                return client, json.loads(state.read_text())["run_id"]
+            state = storage.join(self.run_dir, MLFLOW_FILE)
+            if storage.is_file(state):
+                return client, storage.read_json(state)["run_id"]
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "loft_dist")
             exp = client.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
-            run = client.create_run(exp_id, run_name=self.run_dir.name, tags={"loft_dist.run_dir": str(self.run_dir)})
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            state.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": exp_id}))
+            run = client.create_run(exp_id, run_name=storage.name(self.run_dir),
+                                    tags={"loft_dist.run_dir": self.run_dir})
+            storage.write_json(state, {"run_id": run.info.run_id, "experiment_id": exp_id})
             return client, run.info.run_id
         except Exception as e:  # noqa: BLE001 - any tracking-server failure
             self._disable(e)
             return None
+
+    def _sync_tb(self) -> None:
+        if self._remote:
+            try:
+                storage.upload_dir(self._tb_dir, storage.join(self.run_dir, TB_DIR))
+            except Exception as e:  # noqa: BLE001 - tracking never stops a run
+                _warn_once("tb-upload", "TensorBoard logs not copied to %s: %s", self.run_dir, e)
 
     def _disable(self, e: Exception) -> None:
         _warn_once("mlflow-error", "MLflow logging disabled: %s: %s", type(e).__name__, e)
@@ -113,6 +126,7 @@ class Tracker:
             for tag, value in scalars.items():
                 self._tb.add_scalar(tag, value, global_step=step)
             self._tb.flush()  # a crashed run still shows its curves up to the last round / epoch
+            self._sync_tb()
         if self._mlflow is not None:
             from mlflow.entities import Metric
 
@@ -169,6 +183,7 @@ class Tracker:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            self._sync_tb()
         if self._mlflow is not None and finished:
             client, run_id = self._mlflow
             try:

@@ -97,7 +97,8 @@ def test_every_shipped_config_is_valid(path):
 
 def test_resumable_keys_are_the_where_it_runs_keys():
     assert sorted(resumable_keys()) == [
-        "run.num_cpus", "run.object_store_mb", "run.ray_address", "scoring.batch_size", "scoring.cpus_per_actor",
+        "run.lease_timeout_s", "run.num_cpus", "run.object_store_mb", "run.ray_address", "run.s3_endpoint",
+        "scoring.batch_size", "scoring.cpus_per_actor",
         "scoring.cpus_per_data_task", "scoring.gpus_per_actor", "scoring.max_actors", "scoring.min_actors",
         "scoring.torch_threads", "train.max_failures"]
 
@@ -120,6 +121,7 @@ def test_method_table_is_shared_with_the_algorithms_package():
 
 def test_a_run_dir_written_with_a_retired_key_still_resumes_exports_and_loads(tmp_path, caplog):
     from loft_dist.rounds import _check_same_run
+    from loft_dist.storage import RunLayout
 
     cfg = load_config(None, [f"run.storage_path={tmp_path}"])
     old = to_dict(cfg)
@@ -127,11 +129,12 @@ def test_a_run_dir_written_with_a_retired_key_still_resumes_exports_and_loads(tm
     saved = tmp_path / "tiny" / "config.yaml"
     saved.parent.mkdir()
     saved.write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
-    _check_same_run(cfg, saved.parent)  # the resume guard: same run
+    _check_same_run(cfg, RunLayout(str(saved.parent)))  # the resume guard: same run
     assert from_dict(OmegaConf.to_container(OmegaConf.load(saved))) == cfg  # export reads it with from_dict
     with caplog.at_level(logging.WARNING, logger="loft_dist.config"):
         assert load_config(str(saved)) == cfg  # `loft-dist run|score runs/<name>/config.yaml`
     assert "eval.batch_size is no longer used" in caplog.text
     # the guard still refuses a real change
     with pytest.raises(ConfigError, match=r"train.lr: 0.02 → 0.5"):
-        _check_same_run(load_config(None, [f"run.storage_path={tmp_path}", "train.lr=0.5"]), saved.parent)
+        _check_same_run(load_config(None, [f"run.storage_path={tmp_path}", "train.lr=0.5"]),
+                        RunLayout(str(saved.parent)))

@@ -87,8 +87,8 @@ def test_export_then_predict_without_the_run(tmp_path, cfg, capsys):
     make_run(run, cfg, {1: model})
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "export.json", "head.safetensors",
-                                                     "train_state.json"]  # no DeepSpeed optimizer state
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "_SUCCESS", "adapter", "export.json",
+                                                     "head.safetensors", "train_state.json"]  # no DeepSpeed state
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     meta = json.loads((out / "export.json").read_text())
     assert meta["class_names"] == NAMES and meta["round"] == 1 and meta["image_size"] == cfg.data.image_size
@@ -116,6 +116,38 @@ def test_export_then_predict_without_the_run(tmp_path, cfg, capsys):
     assert main(["predict", str(out), paths[0]]) == 0  # text form: path, class, probability
     path, name, prob = capsys.readouterr().out.strip().split("\t")
     assert (path, name) == (paths[0], want[0][0]) and abs(float(prob) - want[0][1]) < 1e-6
+
+
+def test_export_from_an_s3_run_dir_then_predict_locally(tmp_path, cfg, capsys, s3_server):
+    """A run dir in object storage (as a KubeRay run leaves it): export fetches only what it needs (no optimizer
+    state, no other files), and the export predicts locally exactly as the in-memory model does."""
+    from loft_dist import storage
+    from loft_dist.models.checkpoint import DS_DIR
+
+    model = trained_like(cfg, seed=3)
+    run = tmp_path / "exp"
+    make_run(run, cfg, {1: model, 2: trained_like(cfg, 4)},
+             completed=["prepare", "r0.score", "r0.eval", "r1.score", "r1.train", "r1.eval", "r2.score", "r2.train"])
+    (run / "rounds" / "r1" / "checkpoint" / DS_DIR).mkdir()
+    (run / "rounds" / "r1" / "checkpoint" / DS_DIR / "optim_states.pt").write_bytes(b"x" * 1000)
+    bucket = s3_server.bucket()
+    uri = f"s3://{bucket}/runs/exp"
+    storage.upload_dir(run, uri)
+    shutil.rmtree(run)
+    out = tmp_path / "export"
+    assert main(["export", uri, "--out", str(out)]) == 0
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["round"] == 1 and meta["run"] == {"name": "exp", "dir": uri}  # r2 never finished its eval
+    assert not (out / DS_DIR).exists()
+    paths = write_images(tmp_path / "images")
+    capsys.readouterr()
+    assert main(["predict", str(out), *paths, "--json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = expected(model, paths, cfg.data.image_size)
+    assert [g["class"] for g in got] == [w[0] for w in want]
+    np.testing.assert_allclose([g["probability"] for g in got], [w[1] for w in want], rtol=0, atol=1e-6)
+    assert main(["export", f"s3://{bucket}/runs/nothing-here", "--out", str(tmp_path / "e2")]) == 2
+    assert "not a loft_dist run dir" in capsys.readouterr().err
 
 
 def test_predict_reports_unreadable_files_and_goes_on(tmp_path, cfg, capsys):
@@ -153,7 +185,7 @@ def test_re_exporting_into_an_earlier_export_replaces_it(tmp_path, cfg):
     ckpt = run / "rounds" / "r2" / "checkpoint"
     copied = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*") if p.is_file())
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == \
-        sorted(copied + [Path("README.md"), Path("export.json")])  # nothing of the earlier export is left
+        sorted(copied + [Path("README.md"), Path("_SUCCESS"), Path("export.json")])  # nothing earlier is left
     for rel in copied:  # the weights are round 2's, which differ from round 1's
         assert (out / rel).read_bytes() == (ckpt / rel).read_bytes(), rel
     r1_head = run / "rounds" / "r1" / "checkpoint" / "head.safetensors"

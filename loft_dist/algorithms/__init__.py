@@ -21,7 +21,13 @@ def _module(name: str):
 
 
 def load_model(cfg, class_names: list[str], checkpoint: str | None):
-    """The model a method trains and scores with: the ClipClassifier, or ULFine's two-head wrapper around it."""
+    """The model a method trains and scores with: the ClipClassifier, or ULFine's two-head wrapper around it. A
+    checkpoint in object storage is fetched to a temporary directory first (the weight loaders open local files)."""
+    from loft_dist import storage
+
+    if checkpoint and storage.is_uri(checkpoint) and not storage.is_local(checkpoint):
+        with storage.local_dir(checkpoint) as d:
+            return load_model(cfg, class_names, str(d))
     if cfg.algorithm.name == "ulfine":
         from loft_dist.algorithms.ulfine import load_ulfine
 

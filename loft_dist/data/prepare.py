@@ -30,11 +30,12 @@ from typing import Optional
 
 import numpy as np
 
+from loft_dist import storage
 from loft_dist.config import Config, DataConfig
 from loft_dist.data import protocol
 from loft_dist.data.sources import Source, SourceError
-from loft_dist.data.store import (SCHEMA_VERSION, SPLITS, read_dataset_info, remove_dataset_info, resolve_root,
-                                  split_exists, write_json_atomic, write_split)
+from loft_dist.data.store import (SCHEMA_VERSION, SPLITS, read_dataset_info, remove_dataset_info,
+                                  split_exists, write_split)
 
 log = logging.getLogger(__name__)
 OOD_ID_OFFSET = 1 << 40
@@ -275,7 +276,7 @@ def prepare_dataset(cfg: Config, force: bool = False) -> dict:
     d = cfg.data
     root = cfg.data_root
     if "://" not in root:
-        root = str(resolve_root(root)[1])
+        root = str(storage.resolve(root)[1])
     wanted = protocol_record(cfg)
     info = None if force else _complete_dataset(root, wanted)
     if info is not None:
@@ -293,7 +294,7 @@ def prepare_dataset(cfg: Config, force: bool = False) -> dict:
              len(plan.ood_pool), len(plan.test_idx), "official" if plan.test is not None else "carved",
              len(plan.ood_test))
 
-    fs, base = resolve_root(root)
+    fs, base = storage.resolve(root)
     try:
         fs.create_dir(base, recursive=True)
         remove_dataset_info(root)  # from here on, an interrupted build leaves no dataset.json vouching for it
@@ -319,7 +320,7 @@ def prepare_dataset(cfg: Config, force: bool = False) -> dict:
         "id_offsets": {"test": test_offset, "ood": OOD_ID_OFFSET},
         "checksums": {f: h for v in written.values() for f, h in v["sha256"].items()},
     }
-    write_json_atomic(f"{root.rstrip('/')}/dataset.json", info)
+    storage.write_json(f"{root.rstrip('/')}/dataset.json", info)
     log.info("prepared %s: labeled %d, unlabeled %d (%d OOD), test %d, ood_test %d rows", root,
              info["rows"]["labeled"], info["rows"]["unlabeled"], len(plan.ood_pool), info["rows"]["test"],
              info["rows"].get("ood_test", 0))

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,39 +10,36 @@ import pyarrow.parquet as pq
 from loft_dist.data.decisions import DECISIONS, HARD, IGNORED, LABELED, SOFT
 from loft_dist.data.store import read_split
 from loft_dist.data.transforms import build_view, decode_all, decode_batch
-from loft_dist.errors import StorageError
-
-SUCCESS = "_SUCCESS"
-
+from loft_dist import storage
 
 def is_complete(table_dir: str | Path) -> bool:
-    return (Path(table_dir) / SUCCESS).is_file()
+    return storage.is_committed(str(table_dir))
 
 
 def table_files(table_dir: str | Path) -> list[str]:
-    if not is_complete(table_dir):
-        raise StorageError(f"{table_dir} has no {SUCCESS}: it is not a complete table (a reader trusts only those)")
-    return sorted(glob.glob(os.path.join(str(table_dir), "*.parquet")))
+    """The Parquet files of a complete table, as its _SUCCESS names them (a StorageError without one)."""
+    return storage.committed_files(str(table_dir))
 
 
-def commit_table(tmp_dir: str | Path, final_dir: str | Path, expected_rows: int | None = None) -> int:
-    """Move a fully written table dir in place, then write _SUCCESS with its row count (from Parquet footers)."""
-    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    files = sorted(tmp_dir.glob("*.parquet"))
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+def table_rows(table_dir: str | Path) -> int:
+    return storage.committed(str(table_dir))["rows"]
+
+
+def commit_table(staged: str | Path, final_dir: str | Path, expected_rows: int | None = None) -> int:
+    """storage.commit of a fully written table, its _SUCCESS carrying the row count (from the Parquet footers)."""
+    staged = str(staged)
+    files = [storage.join(staged, n) for n in storage.listdir(staged) if n.endswith(".parquet")]
+    rows = sum(pq.ParquetFile(storage.open_input(f)).metadata.num_rows for f in files)
     if expected_rows is not None and rows != expected_rows:
-        raise RuntimeError(f"{tmp_dir} holds {rows} rows, expected exactly {expected_rows} (one per input image); "
+        raise RuntimeError(f"{staged} holds {rows} rows, expected exactly {expected_rows} (one per input image); "
                            f"not committing it")
-    if final_dir.exists():
-        shutil.rmtree(final_dir)  # a half-written earlier attempt (no _SUCCESS): redo it
-    os.replace(tmp_dir, final_dir)
-    (final_dir / SUCCESS).write_text(json.dumps({"rows": rows}))
+    storage.commit(staged, str(final_dir), {"rows": rows})
     return rows
 
 
 def read_columns(table_dir: str | Path, columns: list[str]) -> dict[str, np.ndarray]:
     """A few columns of a complete table as numpy arrays (ids, decisions, … — never images)."""
-    parts = [pq.read_table(f, columns=columns) for f in table_files(table_dir)]
+    parts = [pq.read_table(storage.open_input(f), columns=columns) for f in table_files(table_dir)]
     return {c: np.concatenate([p.column(c).to_numpy(zero_copy_only=False) for p in parts]) if parts else np.zeros(0)
             for c in columns}
 
@@ -55,7 +48,7 @@ def accepted_lookup(table_dir: str | Path, num_classes: int) -> dict[str, np.nda
     """Sorted arrays of the accepted (hard / soft) rows: id, code, target, weight and the soft target p."""
     ids, codes, preds, weights, probs = [], [], [], [], []
     for f in table_files(table_dir):
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(storage.open_input(f))
         cols = ["id", "decision", "pred", "weight", "probs"] + (["probs_idx"] if "probs_idx" in pf.schema_arrow.names else [])
         for batch in pf.iter_batches(columns=cols):
             dec = batch.column("decision").to_numpy(zero_copy_only=False)

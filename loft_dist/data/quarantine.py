@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loft_dist import storage
 from loft_dist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,9 @@ def check_unique_ids(paths: list[str], what: str = "") -> int:
     row count. Reads only the id column (8 bytes a row)."""
     import pyarrow.parquet as pq
 
-    from loft_dist.data.store import resolve_root
-
     ids, file_of, row_of = [], [], []
     for k, path in enumerate(paths):
-        fs, p = resolve_root(path)
-        with fs.open_input_file(p) as f:
+        with storage.open_input(path) as f:
             col = pq.read_table(f, columns=["id"]).column("id").to_numpy()
         ids.append(col)
         file_of.append(np.full(len(col), k, np.int32))
@@ -55,16 +53,14 @@ def quarantine(table_dir: str | Path, run_dir: str | Path, split: str) -> int:
 
     cols = read_columns(table_dir, ["id", "error"])
     bad = np.flatnonzero(cols["error"] != "")
-    path = Path(run_dir) / "quarantine" / f"{split}.jsonl"
+    path = storage.join(storage.RunLayout(str(run_dir)).quarantine, f"{split}.jsonl")
     if len(bad):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            for i in bad:
-                f.write(json.dumps({"id": int(cols["id"][i]), "split": split, "reason": str(cols["error"][i])}) + "\n")
+        storage.write_text(path, "".join(json.dumps({"id": int(cols["id"][i]), "split": split,
+                                                     "reason": str(cols["error"][i])}) + "\n" for i in bad))
         log.warning("%d undecodable images in %s quarantined to %s (they are scored as rejected, never trained on)",
                     len(bad), split, path)
-    elif path.exists():
-        path.unlink()
+    else:
+        storage.remove(path)
     return int(len(bad))
 
 
@@ -76,12 +72,14 @@ def error_kinds(errors) -> dict[str, int]:
 
 def quarantined_counts(run_dir: str | Path) -> dict[str, int]:
     """Quarantined rows of a run, by split."""
-    d = Path(run_dir) / "quarantine"
-    return {p.stem: sum(1 for _ in open(p)) for p in sorted(d.glob("*.jsonl"))} if d.is_dir() else {}
+    return {name[:-len(".jsonl")]: len(lines) for name, lines in _quarantine_files(run_dir).items()}
 
 
 def quarantined_kinds(run_dir: str | Path) -> dict[str, int]:
     """Quarantined rows of a run, by error kind (over every split), most first."""
-    d = Path(run_dir) / "quarantine"
-    reasons = [json.loads(line)["reason"] for p in sorted(d.glob("*.jsonl")) for line in open(p)] if d.is_dir() else []
-    return error_kinds(reasons)
+    return error_kinds([json.loads(line)["reason"] for lines in _quarantine_files(run_dir).values() for line in lines])
+
+
+def _quarantine_files(run_dir: str | Path) -> dict[str, list[str]]:
+    d = storage.RunLayout(str(run_dir)).quarantine
+    return {n: storage.read_text(storage.join(d, n)).splitlines() for n in storage.listdir(d) if n.endswith(".jsonl")}

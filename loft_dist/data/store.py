@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -18,7 +16,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from loft_dist.errors import DataError, StorageError
+from loft_dist import storage
+from loft_dist.errors import ConfigError, DataError, StorageError
 
 SCHEMA_VERSION = 1
 SPLITS = ("labeled", "unlabeled", "test", "ood_test")
@@ -37,21 +36,8 @@ _ROW_OVERHEAD = 64  # bytes per row besides the image (ids, labels, source strin
 # Roots: local paths and filesystem URIs
 
 
-def resolve_root(root: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) of a dataset root; a plain path is local and made absolute."""
-    root = str(root)
-    if "://" not in root:
-        return pafs.LocalFileSystem(), os.path.abspath(root)
-    return pafs.FileSystem.from_uri(root)
-
-
 def _is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
-
-
-def _join(root: str, *parts: str) -> str:
-    """Child of a root in the root's own spelling (URI or path), for messages and for readers."""
-    return "/".join([str(root).rstrip("/"), *parts])
 
 
 def _exists(fs: pafs.FileSystem, path: str, kind=pafs.FileType.File) -> bool:
@@ -59,7 +45,7 @@ def _exists(fs: pafs.FileSystem, path: str, kind=pafs.FileType.File) -> bool:
 
 
 def split_exists(root: str, split: str) -> bool:
-    fs, base = resolve_root(root)
+    fs, base = storage.resolve(root)
     return _exists(fs, f"{base}/{split}", pafs.FileType.Directory)
 
 
@@ -160,67 +146,31 @@ def write_split(rows: Iterable[dict], root: str, split: str, rows_per_shard: int
     {"rows", "shards", "bytes", "sha256": {"split/part-NNNNN.parquet": digest}}.
 
     Shards close at `target_mb` MB of image bytes or `rows_per_shard` rows, whichever comes first.
-    Shards go to a temp directory first. On a local filesystem the directory is renamed into place
-    (atomic); object stores cannot rename a directory, so there the files are moved one by one and
-    dataset.json, written last by `prepare`, is what makes the build count.
+    Shards go to a staging location first and into place by storage.commit (its _SUCCESS lists them); on an object
+    store dataset.json, written last by `prepare`, is what makes the whole build count.
     """
-    fs, base = resolve_root(root)
-    final = f"{base}/{split}"
-    tmp = f"{base}/.{split}.tmp-{uuid.uuid4().hex[:8]}"
+    staged = storage.staging(storage.join(root, split))
+    fs, tmp = storage.resolve(staged)
     fs.create_dir(tmp, recursive=True)
     writer = _ShardWriter(fs, tmp, rows_per_shard, target_mb)
     try:
         for row in rows:
             writer.add(row)
         writer.finish()
-        _commit_dir(fs, tmp, final)
+        record = storage.commit(staged, storage.join(root, split), {"rows": writer.rows})
     except BaseException:
         writer.abort()
-        if _exists(fs, tmp, pafs.FileType.Directory):
-            fs.delete_dir(tmp)
+        storage.remove(staged)
         raise
-    sizes = sum(i.size for i in fs.get_file_info(pafs.FileSelector(final)) if i.type == pafs.FileType.File)
+    final = storage.resolve(storage.join(root, split))[1]
+    sizes = sum(fs.get_file_info(f"{final}/{name}").size for name in record["files"])
     return {"rows": writer.rows, "shards": len(writer.shards), "bytes": sizes,
             "sha256": {f"{split}/{name}": digest for name, digest in writer.shards.items()}}
 
 
-def _commit_dir(fs: pafs.FileSystem, tmp: str, final: str) -> None:
-    if _is_local(fs):
-        # Two renames keep the window without a split to an instant; the old split is deleted after.
-        old = None
-        if os.path.exists(final):
-            old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old:
-            fs.delete_dir(old)
-        return
-    if _exists(fs, final, pafs.FileType.Directory):
-        fs.delete_dir(final)
-    fs.create_dir(final, recursive=True)
-    for info in fs.get_file_info(pafs.FileSelector(tmp)):
-        fs.move(info.path, f"{final}/{info.base_name}")
-    fs.delete_dir(tmp)
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write JSON in one step: temp file + rename locally, one object PUT (atomic by itself) on an object store."""
-    text = json.dumps(obj, indent=2, allow_nan=False)
-    fs, p = resolve_root(str(path))
-    if not _is_local(fs):
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-        return
-    path = Path(p)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def remove_dataset_info(root: str) -> None:
     """Withdraw dataset.json before a rebuild, so an interrupted build is never taken for a complete one."""
-    fs, base = resolve_root(root)
+    fs, base = storage.resolve(root)
     if _exists(fs, f"{base}/dataset.json"):
         fs.delete_file(f"{base}/dataset.json")
 
@@ -230,8 +180,8 @@ def remove_dataset_info(root: str) -> None:
 
 
 def read_dataset_info(root: str) -> dict:
-    fs, base = resolve_root(root)
-    p = _join(root, "dataset.json")
+    fs, base = storage.resolve(root)
+    p = storage.join(root, "dataset.json")
     if not _exists(fs, f"{base}/dataset.json"):
         raise StorageError(f"{p} not found: {root} is not a prepared dataset; run `loft-dist prepare CONFIG` "
                                 f"(or set data.root to a dataset dir holding dataset.json)")
@@ -243,41 +193,44 @@ def read_dataset_info(root: str) -> dict:
     return info
 
 
-def load_run_config(run_dir: Path) -> dict:
+def load_run_config(run_dir: str | Path) -> dict:
     """config.yaml as a plain dict ({} when absent: a report still works from metrics alone)."""
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
+    p = storage.RunLayout(str(run_dir)).config
+    if not storage.is_file(p):
         return {}
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(p)) or {}
+    return OmegaConf.to_container(OmegaConf.create(storage.read_text(p))) or {}
 
 
-def find_dataset_info(run_dir: Path, cfg: dict) -> dict | None:
+def find_dataset_info(run_dir: str | Path, cfg: dict) -> dict | None:
     """dataset.json of the run: data.root when set, else <run dir>/data (config's empty root means that)."""
     root = (cfg.get("data") or {}).get("root") or ""
-    for d in ([Path(root)] if root else []) + [Path(run_dir) / "data"]:
-        if (d / "dataset.json").is_file():
-            return json.loads((d / "dataset.json").read_text())
+    for d in ([root] if root else []) + [storage.RunLayout(str(run_dir)).data]:
+        try:
+            if storage.is_file(storage.join(d, "dataset.json")):
+                return storage.read_json(storage.join(d, "dataset.json"))
+        except (StorageError, ConfigError):  # a root this machine cannot reach: the next place, or none
+            continue
     return None
 
 
 def shard_paths(root: str, split: str) -> list[str]:
     """The split's shard files, sorted, spelt like the root (local paths, or URIs for a URI root)."""
-    fs, base = resolve_root(root)
+    fs, base = storage.resolve(root)
     d = f"{base}/{split}"
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
     if not names:
-        raise StorageError(f"no Parquet shards in {_join(root, split)}; re-run `loft-dist prepare` for this "
+        raise StorageError(f"no Parquet shards in {storage.join(root, split)}; re-run `loft-dist prepare` for this "
                                 f"dataset")
     if _is_local(fs):
         return [f"{d}/{n}" for n in names]
-    return [_join(root, split, n) for n in names]
+    return [storage.join(root, split, n) for n in names]
 
 
 def _open_parquet(path: str) -> pq.ParquetFile:
-    fs, p = resolve_root(path)
+    fs, p = storage.resolve(path)
     return pq.ParquetFile(fs.open_input_file(p))
 
 
@@ -291,8 +244,8 @@ def read_split(root: str, split: str, columns: Optional[list[str]] = None):
     import ray.data
 
     paths = shard_paths(root, split)
-    fs, _ = resolve_root(root)
-    return ray.data.read_parquet([resolve_root(p)[1] for p in paths], filesystem=fs, columns=columns,
+    fs, _ = storage.resolve(root)
+    return ray.data.read_parquet([storage.resolve(p)[1] for p in paths], filesystem=fs, columns=columns,
                                  override_num_blocks=len(paths))
 
 

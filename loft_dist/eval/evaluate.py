@@ -5,23 +5,21 @@ It reads outputs only and starts no job: the round driver scores the test (and O
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
+from loft_dist import storage
 from loft_dist.data.pseudo_labels import is_complete, read_columns
-from loft_dist.data.store import write_json_atomic
 from loft_dist.eval.metrics import classification_metrics, ood_metrics, pseudo_label_metrics
 
 PREDICTION_COLUMNS = ["true_label", "pred", "msp", "error"]
 
 
-def evaluate_round(cfg, round_dir: Path, *, classes: list[str], labeled_counts: list[int], round_idx: int,
+def evaluate_round(cfg, layout: storage.RunLayout, round_idx: int, *, classes: list[str], labeled_counts: list[int],
                    mode: str) -> dict:
-    """round_dir/predictions/test (required) and /ood_test (when scored) → round_dir/metrics.json."""
-    preds = {split: read_columns(round_dir / "predictions" / split, PREDICTION_COLUMNS)
-             for split in ("test", "ood_test") if split == "test" or is_complete(round_dir / "predictions" / split)}
+    """The round's predictions of test (required) and ood_test (when scored) → its metrics.json."""
+    r = round_idx
+    preds = {split: read_columns(layout.predictions(r, split), PREDICTION_COLUMNS)
+             for split in ("test", "ood_test") if split == "test" or is_complete(layout.predictions(r, split))}
     t = preds["test"]
     ok = t["error"] == ""
     e = cfg.eval
@@ -34,7 +32,7 @@ def evaluate_round(cfg, round_dir: Path, *, classes: list[str], labeled_counts: 
     if "ood_test" in preds:
         o = preds["ood_test"]
         metrics["ood_test"] = ood_metrics(t["msp"][ok], o["msp"][o["error"] == ""])
-    table = round_dir / "pseudo_labels"
+    table = layout.pseudo_labels(r)
     if is_complete(table):
         pl = read_columns(table, ["decision", "pred", "true_label", "msp", "zs_msp"])
         metrics["pseudo_labels"] = pseudo_label_metrics(pl["decision"], pl["pred"], pl["true_label"], len(classes))
@@ -43,8 +41,7 @@ def evaluate_round(cfg, round_dir: Path, *, classes: list[str], labeled_counts: 
             metrics["pool_ood"] = {"msp": ood_metrics(pl["msp"][~is_ood], pl["msp"][is_ood])}
             if not np.isnan(pl["zs_msp"]).any():
                 metrics["pool_ood"]["zs_msp"] = ood_metrics(pl["zs_msp"][~is_ood], pl["zs_msp"][is_ood])
-    train = round_dir / "train_metrics.json"
-    if train.is_file():
-        metrics["train"] = json.loads(train.read_text())
-    write_json_atomic(round_dir / "metrics.json", metrics)
+    if storage.is_file(layout.train_metrics(r)):
+        metrics["train"] = storage.read_json(layout.train_metrics(r))
+    storage.write_json(layout.metrics(r), metrics)
     return metrics

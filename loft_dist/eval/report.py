@@ -7,17 +7,18 @@ starts Ray or loads a model, so a report can be rewritten anywhere the run dir i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from loft_dist import storage
 from loft_dist.data.pseudo_labels import is_complete, read_columns, table_files
 from loft_dist.data.quarantine import quarantined_counts
-from loft_dist.data.store import find_dataset_info, load_run_config, write_json_atomic
+from loft_dist.data.store import find_dataset_info, load_run_config
 from loft_dist.errors import StorageError
 from loft_dist.eval import plots
 
@@ -43,9 +44,9 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def load_rounds(run_dir: Path) -> list[dict]:
-    files = sorted((Path(run_dir) / "rounds").glob("r*/metrics.json"), key=lambda p: int(p.parent.name[1:]))
-    return [json.loads(p.read_text()) for p in files]
+def load_rounds(run_dir: str | Path) -> list[dict]:
+    lay = storage.RunLayout(str(run_dir))
+    return [storage.read_json(lay.metrics(r)) for r in lay.rounds() if storage.is_file(lay.metrics(r))]
 
 
 def _finite(obj):
@@ -122,7 +123,7 @@ def _pool_histograms(table_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     groups = ("ID images", "OOD images", "ground truth unknown")
     counts = {s: {g: np.zeros(len(HIST_BINS) - 1, np.int64) for g in groups} for s in ("msp", "zs_msp")}
     for f in table_files(table_dir):  # the same _SUCCESS rule as read_columns
-        for batch in pq.ParquetFile(f).iter_batches(columns=["msp", "zs_msp", "true_label", "error"],
+        for batch in pq.ParquetFile(storage.open_input(f)).iter_batches(columns=["msp", "zs_msp", "true_label", "error"],
                                                     batch_size=1 << 16):
             ok = pc.equal(batch.column("error"), "").to_numpy(zero_copy_only=False)
             truth = batch.column("true_label").to_numpy(zero_copy_only=False).astype(float)  # null → NaN
@@ -136,13 +137,13 @@ def _pool_histograms(table_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     return counts
 
 
-def _histogram_panels(run_dir: Path, rounds: list[dict], cfg: dict) -> tuple[list[dict], int | None]:
+def _histogram_panels(lay: storage.RunLayout, rounds: list[dict], cfg: dict) -> tuple[list[dict], int | None]:
     """Panels of the pool's zero-shot MSP and of the latest teacher's MSP, split by ground truth (ID / OOD)."""
-    tables = [m["round"] for m in rounds if is_complete(run_dir / "rounds" / f"r{m['round']}" / "pseudo_labels")]
+    tables = [m["round"] for m in rounds if is_complete(lay.pseudo_labels(m["round"]))]
     if not tables:
         return [], None
     r = tables[-1]
-    counts = _pool_histograms(run_dir / "rounds" / f"r{r}" / "pseudo_labels")
+    counts = _pool_histograms(lay.pseudo_labels(r))
     a = cfg.get("algorithm") or {}
     pool_ood = next((m.get("pool_ood") for m in rounds if m["round"] == r), None) or {}
 
@@ -167,9 +168,9 @@ def _histogram_panels(run_dir: Path, rounds: list[dict], cfg: dict) -> tuple[lis
     return panels, r
 
 
-def _confusion(run_dir: Path, final: dict, num_classes: int) -> dict | None:
+def _confusion(lay: storage.RunLayout, final: dict, num_classes: int) -> dict | None:
     """Worst classes of the final round and where their test images go (from predictions/test)."""
-    table = run_dir / "rounds" / f"r{final['round']}" / "predictions" / "test"
+    table = lay.predictions(final["round"], "test")
     if not is_complete(table):
         return None
     cols = read_columns(table, ["true_label", "pred", "error"])
@@ -198,7 +199,7 @@ def _confusion(run_dir: Path, final: dict, num_classes: int) -> dict | None:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Report:
-    run_dir: Path
+    layout: storage.RunLayout
     out: Path
     rounds: list[dict]
     cfg: dict
@@ -283,7 +284,7 @@ def _section_per_class(rep: _Report) -> list[dict]:
                    + (f" {missing} classes have no test images and no bar." if missing else ""),
                    plots.per_class_accuracy, names, acc, rep.labeled, _class_groups(final["test"], len(names)),
                    final["round"])
-    conf = _confusion(rep.run_dir, final, len(names))
+    conf = _confusion(rep.layout, final, len(names))
     if conf is None:
         rep.lines += ["", f"No complete rounds/r{final['round']}/predictions/test table: no confusion summary."]
         return []
@@ -328,7 +329,7 @@ def _section_ood(rep: _Report) -> None:
                          f"{_pct(o.get('aupr_out'))} | {_pct(o.get('fpr95'))} | "
                          f"{_pct((po.get('msp') or {}).get('auroc'))} | {_pct((po.get('zs_msp') or {}).get('auroc'))} |")
     rep.lines += ["", "MSP = max softmax probability, higher = more in-distribution; – = no OOD images to compare with."]
-    panels, r = _histogram_panels(rep.run_dir, rep.rounds, rep.cfg)
+    panels, r = _histogram_panels(rep.layout, rep.rounds, rep.cfg)
     if not panels:
         rep.lines += ["", "No complete pseudo-label table of the pool: no score histograms."]
         return
@@ -380,21 +381,33 @@ def _section_pseudo_labels(rep: _Report) -> None:
 
 
 def write_report(run_dir: str | Path) -> dict:
-    """report/report.md, report/metrics.json and the figures of a run dir; returns the summary written."""
-    run_dir = Path(run_dir)
-    rounds = [_finite(m) for m in load_rounds(run_dir)]
+    """report/report.md, report/metrics.json and the figures of a run dir; returns the summary written. A run dir in
+    object storage gets its report written locally first, then committed into it (matplotlib writes local files)."""
+    lay = storage.RunLayout(str(run_dir))
+    if storage.is_local(lay.root):
+        return _write_report(lay, Path(storage.resolve(lay.report)[1]))
+    with tempfile.TemporaryDirectory(prefix="loft_dist-report-") as tmp:
+        summary = _write_report(lay, Path(tmp))
+        staged = storage.staging(lay.report)
+        storage.upload_dir(tmp, staged)
+        storage.commit(staged, lay.report)
+    return summary
+
+
+def _write_report(lay: storage.RunLayout, out: Path) -> dict:
+    rounds = [_finite(m) for m in load_rounds(lay.root)]
     if not rounds:
-        raise StorageError(f"{run_dir} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
-    cfg = load_run_config(run_dir)
-    info = find_dataset_info(run_dir, cfg)
+        raise StorageError(f"{lay.root} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
+    cfg = load_run_config(lay.root)
+    info = find_dataset_info(lay.root, cfg)
     num_classes = len(rounds[-1]["test"]["per_class_accuracy"])
-    rep = _Report(run_dir=run_dir, out=run_dir / "report", rounds=rounds, cfg=cfg,
+    rep = _Report(layout=lay, out=out, rounds=rounds, cfg=cfg,
                   names=info["class_names"] if info else [f"class {c}" for c in range(num_classes)],
                   labeled=info["counts"]["labeled"] if info else None, rules=_group_rules(cfg))
     rep.out.mkdir(exist_ok=True)
-    quarantined = quarantined_counts(run_dir)
+    quarantined = quarantined_counts(lay.root)
 
-    rep.lines += [f"# loft_dist report — {run_dir.name}", "", *_data_summary(info, cfg), ""]
+    rep.lines += [f"# loft_dist report — {lay.name}", "", *_data_summary(info, cfg), ""]
     empty = _section_accuracy(rep)
     worst = _section_per_class(rep)
     _section_calibration(rep)
@@ -409,10 +422,10 @@ def write_report(run_dir: str | Path) -> dict:
     for stale in set(PLOTS) - set(rep.written):
         (rep.out / stale).unlink(missing_ok=True)
 
-    summary = {"run_dir": str(run_dir), "class_names": rep.names, "rounds": rounds, "final": rep.final,
+    summary = {"run_dir": lay.root, "class_names": rep.names, "rounds": rounds, "final": rep.final,
                "empty_groups": {k: rep.rules[k] for k in empty}, "worst_classes": worst, "quarantined": quarantined,
                "plots": {name: PLOTS[name] for name in rep.written}, "notes": rep.notes}
-    write_json_atomic(rep.out / "metrics.json", summary)
+    storage.write_json(rep.out / "metrics.json", summary)
     (rep.out / "report.md").write_text("\n".join(rep.lines) + "\n")
     return summary
 
@@ -493,5 +506,5 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
               "available (ECE is in the table only: lower is better)."]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     summary = {"runs": rows, "notes": notes, "plots": ["compare.png"]}
-    write_json_atomic(out / "compare.json", summary)
+    storage.write_json(out / "compare.json", summary)
     return summary

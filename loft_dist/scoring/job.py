@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loft_dist.config import to_dict
-from loft_dist.data.pseudo_labels import SUCCESS, commit_table, is_complete
+from loft_dist import storage
+from loft_dist.data.pseudo_labels import commit_table, is_complete, table_files, table_rows
 from loft_dist.data.quarantine import check_unique_ids
 from loft_dist.data.store import count_rows, shard_paths
 from loft_dist.data.transforms import decode_batch
@@ -40,7 +40,7 @@ def _path_key(path: str) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
-def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], work: Path, scorer_kwargs: dict,
+def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], work: str, scorer_kwargs: dict,
                   on_commit) -> None:
     """Score the uncommitted chunks in one Ray Data execution and commit each chunk the moment its last row is in.
 
@@ -58,7 +58,9 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
     # About 4 batches per read task: a prepared split's shards hold 256 rows, and a Ray task per shard cost more
     # than reading and decoding it (one task per shard ran at ~1,000 rows/s on 2 cores).
     blocks = max(1, min(len(paths), math.ceil(sum(expected.values()) / (4 * s.batch_size))))
-    ds = ray.data.read_parquet(paths, columns=INPUT_COLUMNS, include_paths=True, override_num_blocks=blocks)
+    fs, _ = storage.resolve(paths[0])
+    ds = ray.data.read_parquet([storage.resolve(p)[1] for p in paths], filesystem=fs, columns=INPUT_COLUMNS,
+                               include_paths=True, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, fn_kwargs={"view": s.view, "image_size": cfg.data.image_size, "normalized": False},
                         batch_format="numpy", num_cpus=s.cpus_per_data_task)  # uint8 pixels: the Scorer normalizes
     scored = ds.map_batches(
@@ -68,13 +70,13 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
         resources=dict(s.custom_resources) or None,
     )  # Ray Data's actor pool restarts dead actors and retries their batches (max_restarts = max_task_retries = -1)
     tag = uuid.uuid4().hex[:8]
-    tmp = {c: work / f".chunk-{c:05d}.tmp-{tag}" for c in chunks}
+    tmp = {c: storage.join(work, f".chunk-{c:05d}.tmp-{tag}") for c in chunks}
     got, parts = dict.fromkeys(chunks, 0), dict.fromkeys(chunks, 0)
     try:
         for c in chunks:
-            tmp[c].mkdir()
+            storage.makedirs(tmp[c])
             if expected[c] == 0:  # shards without rows: nothing will arrive for them
-                commit_table(tmp[c], work / f"chunk-{c:05d}", expected_rows=0)
+                commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=0)
                 on_commit(c, 0)
         for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             keys = block.column("path").to_pylist()
@@ -85,11 +87,12 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
                 if c is None:
                     raise RuntimeError(f"scored rows from {key!r}, which is not one of this job's shards")
                 rows = block if len(unique) == 1 else block.filter(pa.array([k == key for k in keys]))
-                pq.write_table(rows, tmp[c] / f"part-{parts[c]:05d}.parquet")
+                with storage.open_output(storage.join(tmp[c], f"part-{parts[c]:05d}.parquet")) as f:
+                    pq.write_table(rows, f)
                 parts[c] += 1
                 got[c] += rows.num_rows
                 if got[c] == expected[c]:
-                    commit_table(tmp[c], work / f"chunk-{c:05d}", expected_rows=expected[c])
+                    commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=expected[c])
                     on_commit(c, expected[c])
         short = {c: (got[c], expected[c]) for c in chunks if got[c] != expected[c]}
         if short:
@@ -97,40 +100,39 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
                                f"nothing of these chunks was committed — re-run to redo them")
     finally:
         for t in tmp.values():
-            shutil.rmtree(t, ignore_errors=True)
+            storage.remove(t)
 
 
 def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str], mode: str,
                  checkpoint: str | None = None, zs_table: str | None = None, label: str = "") -> int:
-    """Score the given Parquet image shards into the table at out_dir; returns its row count."""
-    out = Path(out_dir)
+    """Score the given Parquet image shards into the table at out_dir (a path or a URI); returns its row count."""
+    out = storage.absolute(out_dir)
     if is_complete(out):
-        return json.loads((out / SUCCESS).read_text())["rows"]
-    check_unique_ids(paths, label or out.name)  # one row per image needs one id per image (a row count cannot tell)
+        return table_rows(out)
+    check_unique_ids(paths, label or storage.name(out))  # one row per image needs one id per image (a row count cannot tell)
     s = cfg.scoring
     per_chunk = s.shards_per_chunk or len(paths)
     chunks = [paths[i:i + per_chunk] for i in range(0, len(paths), per_chunk)]
-    work = out.with_name(f".{out.name}.work")
-    work.mkdir(parents=True, exist_ok=True)
-    identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [os.path.basename(p) for p in paths],
+    work = storage.join(storage.parent(out), f".{storage.name(out)}.work")
+    identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [storage.name(p) for p in paths],
                 "per_chunk": per_chunk}
-    ident_file = work / "job.json"
-    if ident_file.is_file() and json.loads(ident_file.read_text()) != identity:
+    ident_file = storage.join(work, "job.json")
+    if storage.is_file(ident_file) and storage.read_json(ident_file) != identity:
         log.warning("%s was left by a different scoring job; starting it over", work)
-        shutil.rmtree(work)
-        work.mkdir(parents=True)
-    ident_file.write_text(json.dumps(identity))
-    for stale in work.glob(".chunk-*.tmp-*"):  # a killed run's chunks in flight: redone below
-        shutil.rmtree(stale, ignore_errors=True)
+        storage.remove(work)
+    storage.write_json(ident_file, identity)
+    for stale in storage.listdir(work):  # a killed run's chunks in flight: redone below
+        if stale.startswith(".chunk-") and ".tmp-" in stale:
+            storage.remove(storage.join(work, stale))
 
     kwargs = {"cfg": to_dict(cfg), "class_names": class_names, "mode": mode, "checkpoint": checkpoint,
               "zs_table": zs_table}
     rows = {i: count_rows(chunk) for i, chunk in enumerate(chunks)}
     total = sum(rows.values())
-    todo = {i: chunk for i, chunk in enumerate(chunks) if not is_complete(work / f"chunk-{i:05d}")}
+    todo = {i: chunk for i, chunk in enumerate(chunks) if not is_complete(storage.join(work, f"chunk-{i:05d}"))}
     done = total - sum(rows[i] for i in todo)
     log.info("scoring %s: %d rows in %d shards (%d chunks, %d done before), mode %s, actor pool %d..%d actors x "
-             "%s CPU / %s GPU, batch %d", label or out.name, total, len(paths), len(chunks), len(chunks) - len(todo),
+             "%s CPU / %s GPU, batch %d", label or storage.name(out), total, len(paths), len(chunks), len(chunks) - len(todo),
              mode, s.min_actors, s.max_actors, s.cpus_per_actor, s.gpus_per_actor, s.batch_size)
     t0, fresh, committed = time.time(), 0, len(chunks) - len(todo)
 
@@ -139,19 +141,18 @@ def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str],
         fresh, done, committed = fresh + n, done + n, committed + 1
         rate = fresh / max(time.time() - t0, 1e-9)
         eta = (total - done) / rate if rate > 0 else 0.0
-        log.info("scoring %s: chunk %d committed (%d/%d), %d/%d rows, %.0f rows/s, ETA %.0f s", label or out.name,
+        log.info("scoring %s: chunk %d committed (%d/%d), %d/%d rows, %.0f rows/s, ETA %.0f s", label or storage.name(out),
                  i, committed, len(chunks), done, total, rate, eta)
 
     if todo:
         _score_chunks(cfg, todo, {i: rows[i] for i in todo}, work, kwargs, on_commit)
 
-    final_tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    final_tmp.mkdir()
+    staged = storage.staging(out)
     for i in range(len(chunks)):
-        for f in sorted((work / f"chunk-{i:05d}").glob("*.parquet")):
-            os.replace(f, final_tmp / f"chunk-{i:05d}-{f.name}")
-    n = commit_table(final_tmp, out, expected_rows=total)
-    shutil.rmtree(work, ignore_errors=True)
+        for f in table_files(storage.join(work, f"chunk-{i:05d}")):
+            storage.move(f, storage.join(staged, f"chunk-{i:05d}-{storage.name(f)}"))
+    n = commit_table(staged, out, expected_rows=total)
+    storage.remove(work)
     return n
 
 
@@ -159,15 +160,15 @@ def score_split(cfg, data_root: str, split: str, out_dir: str, **kwargs) -> int:
     return score_shards(cfg, shard_paths(data_root, split), out_dir, label=split, **kwargs)
 
 
-def _stage_image_folder(folder: Path, staging: Path, rows_per_shard: int) -> list[str]:
+def _stage_image_folder(folder: Path, staging: str, rows_per_shard: int) -> list[str]:
     """An image folder → Parquet shards (ids = stable hash of the relative path), once; reused on re-runs."""
     import hashlib
 
     from loft_dist.data.sources import IMAGE_EXTENSIONS, not_images_message
     from loft_dist.data.store import write_split
 
-    if (staging / SUCCESS).is_file():
-        return shard_paths(str(staging.parent), staging.name)
+    if storage.is_committed(staging):
+        return shard_paths(storage.parent(staging), storage.name(staging))
     files, others = [], []
     for p in sorted(folder.rglob("*")):
         if p.is_file():
@@ -185,9 +186,8 @@ def _stage_image_folder(folder: Path, staging: Path, rows_per_shard: int) -> lis
             yield {"id": int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=8).digest(), "little") >> 1,
                    "image": p.read_bytes(), "label": -1, "true_label": -1, "source": rel}
 
-    write_split(rows(), str(staging.parent), staging.name, rows_per_shard)
-    (staging / SUCCESS).write_text(json.dumps({"rows": len(files)}))
-    return shard_paths(str(staging.parent), staging.name)
+    write_split(rows(), storage.parent(staging), storage.name(staging), rows_per_shard)  # committed: _SUCCESS
+    return shard_paths(storage.parent(staging), storage.name(staging))
 
 
 def scoring_ask(cfg):
@@ -211,26 +211,28 @@ def run_score_job(cfg) -> int:
         raise ConfigError("set scoring.input (a dir of Parquet image shards, a prepared dataset dir, or an "
                                 "image folder) and scoring.output (the table dir to write)")
     check_writable(s.output, "scoring.output")
-    src = Path(s.input)
-    if (src / "dataset.json").is_file():
-        paths = shard_paths(str(src), "unlabeled")
-    elif src.is_dir() and any(src.glob("*.parquet")):
-        paths = sorted(str(p) for p in src.glob("*.parquet"))
-    elif src.is_dir():
-        paths = _stage_image_folder(src, Path(s.output).with_name(f".{Path(s.output).name}.input"),
+    src, out = storage.absolute(s.input), storage.absolute(s.output)
+    if storage.is_file(storage.join(src, "dataset.json")):
+        paths = shard_paths(src, "unlabeled")
+    elif any(n.endswith(".parquet") for n in storage.listdir(src)):
+        paths = [storage.join(src, n) for n in storage.listdir(src) if n.endswith(".parquet")]
+    elif storage.is_dir(src) and not storage.is_uri(src):
+        paths = _stage_image_folder(Path(src), storage.join(storage.parent(out), f".{storage.name(out)}.input"),
                                     cfg.data.rows_per_shard)
+    elif storage.is_dir(src):
+        raise DataError(f"scoring.input={s.input} holds no Parquet shards; an image folder must be a local directory "
+                        f"(prepare it into shards with `loft-dist prepare`, or copy it to this machine)")
     else:
         raise StorageError(f"scoring.input={s.input} does not exist")
     class_names = _class_names(cfg, s.checkpoint)
     # The scorer's model, built once here before Ray starts: what would kill every scoring actor (an unknown
     # model.name, a corrupt checkpoint or one of another method or classes) is one error line instead.
     load_model(cfg, class_names, s.checkpoint or None)
-    out = Path(s.output).resolve()
     # One job per output: a second `loft-dist score` into it stops before Ray starts, having written nothing.
-    with Lease(str(out.with_name(f".{out.name}.lease.json")), f"scoring.output={s.output}", cfg.run.lease_timeout_s):
+    lease = storage.join(storage.parent(out), f".{storage.name(out)}.lease.json")
+    with Lease(lease, f"scoring.output={s.output}", cfg.run.lease_timeout_s):
         check_fits([scoring_ask(cfg)], strict=init_ray(cfg.run, use_gpu=s.gpus_per_actor > 0))
-        return score_shards(cfg, paths, str(out), class_names=class_names,
-                            mode="teacher" if s.checkpoint else "zero_shot",
+        return score_shards(cfg, paths, out, class_names=class_names, mode="teacher" if s.checkpoint else "zero_shot",
                             checkpoint=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, label="pool")
 
 

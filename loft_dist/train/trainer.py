@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 
+from loft_dist import storage
 from loft_dist.config import to_dict
 from loft_dist.errors import DataError
 from loft_dist.train.deepspeed_config import grad_accum_steps
@@ -40,6 +39,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
 
     t = cfg.train
     resources = worker_resources(t)
+    fs, fs_path = storage.resolve(storage_path)  # Ray Train writes its checkpoints through the same filesystem
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = ingest.preserve_order or t.preserve_order
     trainer = TorchTrainer(
@@ -53,7 +53,7 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),
         run_config=RunConfig(
-            name=f"r{round_idx}", storage_path=str(Path(storage_path).resolve()),
+            name=f"r{round_idx}", storage_path=fs_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
         ),
@@ -68,11 +68,9 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
         raise result.error
     if result.checkpoint is None:
         raise DataError(f"round {round_idx}: training reported no checkpoint (empty training set?)")
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.remove_stale_staging(out_dir)
+    staged = storage.staging(out_dir)
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+        storage.upload_dir(d, staged)
+    storage.commit(staged, out_dir)
     return dict(result.metrics or {})

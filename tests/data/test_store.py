@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from loft_dist.data import store
-from loft_dist.data.store import (count_rows, iter_table_rows, read_dataset_info, read_split, shard_paths,
-                                  write_json_atomic, write_split)
+from loft_dist import storage
+from loft_dist.data.store import count_rows, iter_table_rows, read_dataset_info, read_split, shard_paths, write_split
 
 
 def rows(n: int, image_bytes: int = 10_000, seed: int = 0, fail_at: int | None = None):
@@ -68,7 +68,7 @@ def test_file_uri_roots(tmp_path):
     root = f"file://{tmp_path}/ds"
     out = write_split(rows(9), root, "unlabeled", rows_per_shard=4)
     assert out["shards"] == 3 and (tmp_path / "ds" / "unlabeled" / "part-00002.parquet").is_file()
-    write_json_atomic(f"{root}/dataset.json", {"schema_version": store.SCHEMA_VERSION, "rows": {"unlabeled": 9}})
+    storage.write_json(f"{root}/dataset.json", {"schema_version": store.SCHEMA_VERSION, "rows": {"unlabeled": 9}})
     assert read_dataset_info(root)["rows"] == {"unlabeled": 9}
     paths = shard_paths(root, "unlabeled")
     assert paths[0] == f"{tmp_path}/ds/unlabeled/part-00000.parquet"  # local: plain paths, which every reader takes
@@ -79,17 +79,16 @@ def test_file_uri_roots(tmp_path):
         read_dataset_info(f"file://{tmp_path}/nowhere")
 
 
-def test_object_store_commit_moves_files_one_by_one(tmp_path, monkeypatch):
-    # Object stores cannot rename a directory; that branch is exercised on the local disk.
-    monkeypatch.setattr(store, "_is_local", lambda fs: False)
-    root = f"file://{tmp_path}"
+def test_object_store_commit_moves_files_one_by_one(s3_server):
+    """On S3 (no rename) a split is staged, moved file by file and marked; a rebuild replaces it entirely."""
+    root = f"s3://{s3_server.bucket()}/ds"
     write_split(rows(9), root, "unlabeled", rows_per_shard=4)
     out = write_split(rows(5, seed=2), root, "unlabeled", rows_per_shard=4)  # replaces the first build entirely
-    assert sorted(p.name for p in (tmp_path / "unlabeled").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    assert out["rows"] == 5 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert storage.listdir(f"{root}/unlabeled") == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"]
+    assert out["rows"] == 5 and storage.listdir(root) == ["unlabeled"]  # no staging left behind
     assert shard_paths(root, "unlabeled")[0] == f"{root}/unlabeled/part-00000.parquet"  # URIs for remote roots
     assert count_rows(shard_paths(root, "unlabeled")) == 5
-    write_json_atomic(f"{root}/dataset.json", {"schema_version": store.SCHEMA_VERSION})
+    storage.write_json(f"{root}/dataset.json", {"schema_version": store.SCHEMA_VERSION})
     assert read_dataset_info(root) == {"schema_version": store.SCHEMA_VERSION}
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from loft_dist.cli import main
 from loft_dist.config import load_config, to_yaml
-from loft_dist.data.pseudo_labels import SUCCESS
+from loft_dist.storage import SUCCESS
 from loft_dist.eval.metrics import classification_metrics, ood_metrics, pseudo_label_metrics
 from loft_dist.eval.report import PLOTS, compare_runs, write_report
 
