@@ -19,7 +19,10 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "loft-dist-test", "AWS_SECRET_ACCESS_KEY": "
 
 
 class S3Server:
-    def __init__(self):
+    """`auth_after`: moto checks credentials and IAM policies after that many requests (the set-up's), as S3 does."""
+
+    def __init__(self, auth_after: int | None = None):
+        self.auth_after = auth_after
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -27,8 +30,10 @@ class S3Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 60.0) -> "S3Server":
+        env = dict(os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": str(self.auth_after)} if self.auth_after else {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env=env)
         deadline = time.time() + timeout_s
         while True:
             try:
@@ -43,10 +48,10 @@ class S3Server:
     def env(self) -> dict[str, str]:
         return {**CREDENTIALS, "AWS_ENDPOINT_URL_S3": self.endpoint}
 
-    def client(self):
+    def client(self, service: str = "s3"):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, **{
+        return boto3.client(service, endpoint_url=self.endpoint, **{
             "aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
             "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "region_name": "us-east-1"})
 

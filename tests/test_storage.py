@@ -96,3 +96,42 @@ def test_missing_bucket_and_bad_uri_are_one_line_errors_naming_the_key(s3_server
 def test_a_readonly_local_dir_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="scoring.output=/proc/loft-dist-test/out: cannot create or write"):
         storage.check_writable("/proc/loft-dist-test/out", "scoring.output")
+
+
+@pytest.mark.s3
+def test_a_read_only_bucket_and_unknown_credentials_stop_a_run_in_one_line_before_ray(monkeypatch, capsys):
+    """A server that checks credentials and IAM policies: `loft-dist run` into a bucket its user may only read, then
+    with a key the server does not know, exits 2 with one line naming run.storage_path, and starts nothing."""
+    import json
+
+    from s3_server import S3Server
+
+    from loft_dist.cli import main
+
+    server = S3Server(auth_after=4).start()
+    try:
+        server.client().create_bucket(Bucket="loft-read-only")
+        server.client("iam").create_user(UserName="reader")
+        key = server.client("iam").create_access_key(UserName="reader")["AccessKey"]
+        server.client("iam").put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.endpoint)  # restored after; the run sets it from the key
+        for key_id, secret, why in [(key["AccessKeyId"], key["SecretAccessKey"], "Access Denied"),
+                                    ("AKIANOBODY", "nothing", "Access Key Id you provided does not exist")]:
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+            assert main(["run", "configs/tiny.yaml", "run.storage_path=s3://loft-read-only/runs",
+                         f"run.s3_endpoint={server.endpoint}"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("loft-dist: error: cannot write "
+                                                      "run.storage_path=s3://loft-read-only/runs"), err
+            assert why in err[0] and "credentials" in err[0]
+        import boto3
+
+        reader = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=key["AccessKeyId"],
+                              aws_secret_access_key=key["SecretAccessKey"], region_name="us-east-1")
+        assert reader.list_objects_v2(Bucket="loft-read-only").get("KeyCount") == 0
+    finally:
+        server.stop()
