@@ -25,7 +25,7 @@ import time
 import uuid
 
 from loft_dist import storage
-from loft_dist.errors import ConfigError, LeaseError
+from loft_dist.errors import ConfigError, LeaseError, StorageError
 
 log = logging.getLogger(__name__)
 LOCK_WAIT_S = 30.0
@@ -100,6 +100,9 @@ class _S3Backend:
             raise ConfigError(f"{uri}: a lease on s3:// needs boto3 (S3's conditional writes); install it with "
                               f"pip install 'loft_dist[s3]'") from e
         self.bucket, _, self.key = uri[len("s3://"):].partition("/")
+        if boto3.Session().get_credentials() is None:
+            raise StorageError(f"{uri}: no AWS credentials found (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                               f"AWS_PROFILE, or an instance / pod role); the run's lease on s3:// needs them")
         self.s3 = boto3.client("s3")  # endpoint from AWS_ENDPOINT_URL_S3 (run.s3_endpoint), credentials from the chain
 
     @staticmethod

@@ -72,3 +72,16 @@ def test_the_heartbeat_keeps_a_live_lease_fresh(lease_at):
         assert _holder(lease_at)["heartbeat"] > first
         with pytest.raises(LeaseError, match="in use by another driver"):  # 1 s > timeout, yet still fresh
             Lease(lease_at, "run X", timeout_s=0.4).acquire()
+
+
+@pytest.mark.s3
+def test_a_lease_on_s3_without_credentials_is_one_line(monkeypatch, tmp_path):
+    from loft_dist.errors import StorageError
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask on this machine
+    with pytest.raises(StorageError, match=r"^s3://b/runs/x/lease.json: no AWS credentials found \(AWS_ACCESS_KEY_ID"):
+        Lease("s3://b/runs/x/lease.json", "run x", 60).acquire()

@@ -40,6 +40,27 @@ def _path_key(path: str) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
+def _scored_dataset(cfg, paths: list[str], rows: int, scorer_kwargs: dict):
+    """read → decode (tasks) → Scorer (actor pool), streaming; each row keeps the `path` of its shard."""
+    import ray.data
+
+    s = cfg.scoring
+    # About 4 batches per read task: a prepared split's shards hold 256 rows, and a Ray task per shard cost more
+    # than reading and decoding it (one task per shard ran at ~1,000 rows/s on 2 cores).
+    blocks = max(1, min(len(paths), math.ceil(rows / (4 * s.batch_size))))
+    fs, _ = storage.resolve(paths[0])
+    ds = ray.data.read_parquet([storage.resolve(p)[1] for p in paths], filesystem=fs, columns=INPUT_COLUMNS,
+                               include_paths=True, override_num_blocks=blocks)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"view": s.view, "image_size": cfg.data.image_size, "normalized": False},
+                        batch_format="numpy", num_cpus=s.cpus_per_data_task)  # uint8 pixels: the Scorer normalizes
+    return ds.map_batches(
+        Scorer, fn_constructor_kwargs=scorer_kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
+        batch_size=s.batch_size, batch_format="numpy", num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor or None,
+        resources=dict(s.custom_resources) or None,
+    )  # Ray Data's actor pool restarts dead actors and retries their batches (max_restarts = max_task_retries = -1)
+
+
 def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], work: str, scorer_kwargs: dict,
                   on_commit) -> None:
     """Score the uncommitted chunks in one Ray Data execution and commit each chunk the moment its last row is in.
@@ -50,25 +71,8 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
     of the chunk their shard belongs to (Ray Data's `path` column says which); a killed job loses only the
     chunks in flight, and a retried actor task cannot leave a duplicate file behind.
     """
-    import ray.data
-
-    s = cfg.scoring
     chunk_of = {_path_key(p): c for c, ps in chunks.items() for p in ps}
-    paths = [p for c in sorted(chunks) for p in chunks[c]]
-    # About 4 batches per read task: a prepared split's shards hold 256 rows, and a Ray task per shard cost more
-    # than reading and decoding it (one task per shard ran at ~1,000 rows/s on 2 cores).
-    blocks = max(1, min(len(paths), math.ceil(sum(expected.values()) / (4 * s.batch_size))))
-    fs, _ = storage.resolve(paths[0])
-    ds = ray.data.read_parquet([storage.resolve(p)[1] for p in paths], filesystem=fs, columns=INPUT_COLUMNS,
-                               include_paths=True, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"view": s.view, "image_size": cfg.data.image_size, "normalized": False},
-                        batch_format="numpy", num_cpus=s.cpus_per_data_task)  # uint8 pixels: the Scorer normalizes
-    scored = ds.map_batches(
-        Scorer, fn_constructor_kwargs=scorer_kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
-        batch_size=s.batch_size, batch_format="numpy", num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor or None,
-        resources=dict(s.custom_resources) or None,
-    )  # Ray Data's actor pool restarts dead actors and retries their batches (max_restarts = max_task_retries = -1)
+    scored = _scored_dataset(cfg, [p for c in sorted(chunks) for p in chunks[c]], sum(expected.values()), scorer_kwargs)
     tag = uuid.uuid4().hex[:8]
     tmp = {c: storage.join(work, f".chunk-{c:05d}.tmp-{tag}") for c in chunks}
     got, parts = dict.fromkeys(chunks, 0), dict.fromkeys(chunks, 0)

@@ -6,6 +6,7 @@ table holding each id exactly once, no staging, work or lease object left behind
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -49,15 +50,15 @@ def _completed(lay: RunLayout) -> list[str]:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_second_driver_is_refused_and_a_killed_driver_is_taken_over(where, tmp_path, request):
-    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL_S3"}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     server, extra = None, []
-    if where == "s3":
+    if where == "s3":  # first: the server's fixture puts the credentials into this process's environment
         server = request.getfixturevalue("s3_server")
         storage_path = f"s3://{server.bucket()}/runs"
         extra = [f"run.s3_endpoint={server.endpoint}"]
     else:
         storage_path = str(tmp_path / "runs")
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL_S3"}  # run.s3_endpoint must be enough
+    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "loft_dist.cli", "run", str(REPO / "configs" / "tiny.yaml"),
            f"run.storage_path={storage_path}", "run.name=leased", "rounds.num_rounds=1", "train.epochs_per_round=2",
            "data.rows_per_shard=64", "run.object_store_mb=300", *extra]
@@ -82,7 +83,8 @@ def test_second_driver_is_refused_and_a_killed_driver_is_taken_over(where, tmp_p
         assert line.startswith("loft-dist: error: run ") and "in use by another driver" in line, line
         assert f"pid {first.pid}" in line and "last heartbeat" in line, line
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # SIGKILL reaches a stopped process too
+        with contextlib.suppress(ProcessLookupError):  # it may have failed already (the asserts above say why)
+            os.killpg(first.pid, signal.SIGKILL)  # SIGKILL reaches a stopped process too
         first.wait()
 
     third = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
