@@ -8,7 +8,6 @@ written one row group at a time, so neither writing nor reading ever holds a who
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -36,17 +35,8 @@ _ROW_OVERHEAD = 64  # bytes per row besides the image (ids, labels, source strin
 # Roots: local paths and filesystem URIs
 
 
-def _is_local(fs: pafs.FileSystem) -> bool:
-    return isinstance(fs, pafs.LocalFileSystem)
-
-
-def _exists(fs: pafs.FileSystem, path: str, kind=pafs.FileType.File) -> bool:
-    return fs.get_file_info(path).type == kind
-
-
 def split_exists(root: str, split: str) -> bool:
-    fs, base = storage.resolve(root)
-    return _exists(fs, f"{base}/{split}", pafs.FileType.Directory)
+    return storage.is_dir(storage.join(root, split))
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,9 +160,7 @@ def write_split(rows: Iterable[dict], root: str, split: str, rows_per_shard: int
 
 def remove_dataset_info(root: str) -> None:
     """Withdraw dataset.json before a rebuild, so an interrupted build is never taken for a complete one."""
-    fs, base = storage.resolve(root)
-    if _exists(fs, f"{base}/dataset.json"):
-        fs.delete_file(f"{base}/dataset.json")
+    storage.remove(storage.join(root, "dataset.json"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,13 +168,11 @@ def remove_dataset_info(root: str) -> None:
 
 
 def read_dataset_info(root: str) -> dict:
-    fs, base = storage.resolve(root)
     p = storage.join(root, "dataset.json")
-    if not _exists(fs, f"{base}/dataset.json"):
+    if not storage.is_file(p):
         raise StorageError(f"{p} not found: {root} is not a prepared dataset; run `loft-dist prepare CONFIG` "
                                 f"(or set data.root to a dataset dir holding dataset.json)")
-    with fs.open_input_stream(f"{base}/dataset.json") as f:
-        info = json.loads(f.read().decode())
+    info = storage.read_json(p)
     if info.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{p} has schema_version {info.get('schema_version')}, this loft_dist reads {SCHEMA_VERSION}; "
                          f"re-run `loft-dist prepare`")
@@ -224,7 +210,7 @@ def shard_paths(root: str, split: str) -> list[str]:
     if not names:
         raise StorageError(f"no Parquet shards in {storage.join(root, split)}; re-run `loft-dist prepare` for this "
                                 f"dataset")
-    if _is_local(fs):
+    if storage.is_local(root):
         return [f"{d}/{n}" for n in names]
     return [storage.join(root, split, n) for n in names]
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from local_ray_cluster import marked_processes
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "cluster" / "README.md"
@@ -98,17 +100,6 @@ def copy_repository(dest: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     return dest
-
-
-def marked_processes(value: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.pid != os.getpid() and p.environ().get(MARKER) == value:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
 
 
 @dataclass
@@ -179,7 +170,7 @@ class DryRun:
                 os.killpg(self.shell.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        left = marked_processes(self.marker)
+        left = marked_processes(self.marker, MARKER)
         names = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in left if p.is_running()]
         for p in left:
             try:
@@ -333,7 +324,7 @@ def test_stop_command_stops_the_head_and_no_token_was_written(dry_run):
     failed = [c for c in re.findall(r"^@@failed (.*)$", out, re.M) if not re.fullmatch(r"rc=1 wait \$HEAD_PID", c)]
     assert not failed, out
     deadline = time.monotonic() + 60  # workers notice their raylet is gone within seconds
-    while marked_processes(dry_run.marker) and time.monotonic() < deadline:
+    while marked_processes(dry_run.marker, MARKER) and time.monotonic() < deadline:
         time.sleep(2)
     left = dry_run.kill_leftovers()
     assert not left, f"processes of the README's head outlived `{stop.strip()}`: {left}"

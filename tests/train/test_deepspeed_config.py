@@ -9,24 +9,17 @@ from loft_dist.train.loop import cosine_lr
 def one_rank_group(tmp_path_factory):
     """A 1-rank gloo group, as Ray Train's worker has before build_engine; one per module, since DeepSpeed's comm
     layer keeps the first group it saw."""
-    import os
-
     import deepspeed
     import torch.distributed as dist
 
-    env = {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}  # what a launcher sets
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'pg'}", rank=0,
-                            world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+            mp.setenv(k, v)  # what a launcher sets
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'pg'}", rank=0,
+                                world_size=1)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        dist.destroy_process_group()
 
 
 def test_global_batch_scales_with_workers_by_default_and_is_kept_fixed_on_request():
