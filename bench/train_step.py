@@ -195,7 +195,7 @@ def ray_step_s(root: Path, micro: int, workers: int, zero: int) -> tuple[float, 
                "train.epochs_per_round=3", "train.shuffle_buffer=0")
     info = read_dataset_info(cfg.data_root)
     counts = info["counts"]["labeled"]
-    ds, _ = training_dataset(cfg.data_root, cfg, len(counts), None)
+    ds = training_dataset(cfg.data_root, cfg, len(counts))
     tag = f"m{micro}w{workers}z{zero}-{time.time_ns()}"
     m = fit_round(cfg, ds, class_names=info["class_names"], prior=[c / sum(counts) for c in counts],
                   init_checkpoint=None, round_idx=1, storage_path=str(root / f"rt-{tag}"), out_dir=str(root / tag))

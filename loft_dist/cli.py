@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated text")
     pred.add_argument("--batch-size", type=int, default=32)
     pred.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    ev = sub.add_parser("evaluate", help="score a prepared split with any checkpoint or export: metrics.json and "
+                                         "figures in --out")
+    ev.add_argument("model", help="an export dir, or a run's checkpoint dir (RUN/rounds/rK/checkpoint)")
+    ev.add_argument("dataset", help="a prepared dataset dir (dataset.json), local or a URI")
+    ev.add_argument("--out", required=True, help="where predictions/, metrics.json and the figures go")
+    ev.add_argument("rest", nargs="*", metavar="[SPLIT] [key=value ...]",
+                    help="the split: test (default; with ood_test when the dataset has one), labeled, unlabeled or "
+                         "ood_test; then overrides of where it runs, e.g. scoring.max_actors=4")
     cmp_ = sub.add_parser("compare", help="side-by-side table and bar plot of the final rounds of several runs")
     cmp_.add_argument("run_dirs", nargs="+")
     cmp_.add_argument("--out", required=True, help="directory for compare.md, compare.json, compare.png")
@@ -73,6 +81,22 @@ def _predict(args) -> int:
         else:
             print(f"{r['path']}\t{r['class']}\t{r['probability']:.6f}")
     return 1 if any("error" in r for r in results) else 0
+
+
+def _evaluate(args) -> int:
+    from loft_dist.errors import ConfigError
+    from loft_dist.evaluate import evaluate_model
+
+    split = args.rest[0] if args.rest and "=" not in args.rest[0] else "test"
+    overrides = args.rest[1:] if args.rest and "=" not in args.rest[0] else args.rest
+    if any("=" not in a for a in overrides):
+        raise ConfigError(f"evaluate takes one split, then key=value overrides; got {' '.join(args.rest)}")
+    m = evaluate_model(args.model, args.dataset, split, args.out, overrides)
+    t = m[split]
+    unread = f" ({m['unreadable_rows']} rows could not be read)" if m["unreadable_rows"] else ""
+    print(f"done: {split} accuracy {100 * (t['accuracy'] or 0):.1f}%, balanced {100 * (t['balanced_accuracy'] or 0):.1f}% "
+          f"on {t['n']} images{unread} — {os.path.join(args.out, 'metrics.json')}")
+    return 0
 
 
 def _compare(args) -> int:
@@ -119,12 +143,19 @@ def _run(cfg) -> int:
     return 0
 
 
-RUN_DIR_COMMANDS = {"report": _report, "export": _export, "predict": _predict, "compare": _compare}
+RUN_DIR_COMMANDS = {"report": _report, "export": _export, "predict": _predict, "compare": _compare,
+                    "evaluate": _evaluate}
 CONFIG_COMMANDS = {"prepare": _prepare, "score": _score, "run": _run, "demo": _run}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # argparse cannot take positionals after an option (`evaluate M D --out X key=value`): the rest are evaluate's
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "evaluate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.rest = args.rest + extra
     # Process-wide settings, made once here rather than as side effects of library calls. Offline machines: fail
     # at once on hub look-ups instead of retrying for ~46 s (read when huggingface_hub is first imported).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

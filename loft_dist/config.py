@@ -52,7 +52,8 @@ def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
 # --------------------------------------------------------------------------------------------
 # the methods behind algorithm.name: which values a name implies (the code of each is in loft_dist/algorithms)
 # --------------------------------------------------------------------------------------------
-ADAPTERS = ("lora", "adaptformer", "vpt", "bitfit", "ln")  # peft.method values that add a light adapter
+ADAPTERS = ("lora", "adaptformer", "vpt", "bitfit", "ln")
+STRONG_AUGS = ("randaugment_mc", "torchvision")  # data.strong_aug: FixMatch's RandAugmentMC, or torchvision's  # peft.method values that add a light adapter
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Method:
     # Config values the name implies, merged beneath the user's YAML and overrides (so either can change them).
     defaults: dict = field(default_factory=dict)
     peft_methods: tuple = ()  # peft.method values the method is defined with (empty = any)
+    class_stats: bool = False  # offline rounds start from per-class statistics of the round's table (ULFine's P_u)
 
 
 METHODS = {
@@ -85,7 +87,7 @@ METHODS = {
                       defaults={"algorithm": {"c_ood": 0.3, "zs_filter": True}}),
     # ULFine's SSL base is not retrievable (SPEC B.5); the LTSSL norm is FixMatch's hard rule + LA supervised loss.
     "ulfine": Method("ulfine", "ULFine (reconstructed): PAF + orthogonality + dual logit fusion on FixMatch",
-                     defaults={"algorithm": {"c_hard": 0.95, "c_ood": 0.95, "lambda_u": 1.0, "lambda_uc": 0.0}}),
+                     class_stats=True, defaults={"algorithm": {"c_hard": 0.95, "c_ood": 0.95, "lambda_u": 1.0, "lambda_uc": 0.0}}),
 }
 
 
@@ -154,10 +156,18 @@ class DataConfig:
     ood_ratio: float = setting(0.25, ge=0)  # OOD images in the pool as a share of the ID pool size (ood_count None)
     # OOD images in the ood_test split (0 = no split); never the same images as the pool's
     ood_test: int = setting(200, ge=0, hint="an integer >= 0 (0 = no ood_test split)")
-    ood_image_size: int = 0  # side of generated OOD images; 0 = data.image_size (CIFAR configs: 32, like the ID images)
+    ood_image_size: int = 0  # side of generated OOD images; 0 = the ID images' native side (CIFAR: 32), never a size cue
     shard_mb: float = setting(128.0, gt=0, hint="> 0 (megabytes per shard)")  # target shard size
     rows_per_shard: int = setting(256, ge=1)  # cap on rows per shard: more shards = more parallel read tasks
     hflip: bool = False  # horizontal flips in the train views (off for digits; the paper configs turn it on)
+    # The strong view's augmentation: FixMatch's RandAugmentMC(2, 10) with its Cutout (SPEC A.0.4), or torchvision's
+    # RandAugment(2, 10) + RandomErasing
+    strong_aug: str = setting("randaugment_mc", choices=STRONG_AUGS)
+    # Classes of the source left out by name (a class with no images, a class not studied); the rest keep their order.
+    drop_classes: list = setting([])
+    # A protocol that leaves a class with no labeled (or test) image stops prepare, naming the classes, unless this is
+    # set (the labeled prior of such a class is 0: the logit-adjusted loss then never predicts it).
+    allow_empty_classes: bool = False
 
     def check(self) -> None:
         d = self
@@ -184,7 +194,7 @@ class DataConfig:
         _need(d.ood_count != -1 or d.ood_source != "generated", "data.ood_count", d.ood_count,
               "-1 (every image of the OOD source) needs a finite source; data.ood_source=generated makes any count")
         _need(d.ood_image_size == 0 or d.ood_image_size >= 8, "data.ood_image_size", d.ood_image_size,
-              "0 (= data.image_size) or >= 8 pixels")
+              "0 (= the ID images' native side) or >= 8 pixels")
 
 
 @dataclass
@@ -264,8 +274,10 @@ class AlgorithmConfig:
     tau: float = setting(1.0, ge=0)  # logit adjustment strength of the supervised loss (0 = plain CE)
     temperature: float = setting(1.0, gt=0)  # T of the teacher softmax
     soft_weight: str = setting("one", choices=("one", "msp"))  # SPEC decision 1
-    # online: unlabeled rows per labeled row in a step
-    mu: int = setting(7, ge=1, hint="an integer >= 1 (unlabeled rows per labeled row in an online step)")
+    # Pool rows per labeled row in a step, offline and online (SPEC A.0.2: 7, what the paper configs set). 2 here: the
+    # tiny run's random-weight teacher labels noise, and 7 noisy rows per labeled one drowned the labeled signal
+    # (round-1 test accuracy at chance, BENCHMARKS.md "Methods on the embedded data").
+    mu: int = setting(2, ge=1, hint="an integer >= 1 (pool rows per labeled row in a step)")
     zs_filter: bool = False  # stage-1 zero-shot filter of the pool (LoFT-OW)
     zs_threshold: float = setting(0.6, **_PROBABILITY)
     zs_keep: str = setting("above", choices=("above", "below"))
@@ -319,8 +331,15 @@ class TrainConfig:
     use_gpu: bool = False
     micro_batch_size: int = setting(8, ge=1)  # x 2 workers = global batch 16 (SPEC B = 16)
     grad_accum: int = setting(1, ge=1)
-    # 0: global batch = workers x micro x accum (scales with workers); > 0: kept fixed, grad_accum is derived.
-    global_batch_size: int = 0
+    # 0: global batch = workers x micro x accum (scales with workers). > 0: the labeled rows of one optimizer step
+    # whatever the worker count (SPEC B = 16): each rank takes global / workers of them, in micro batches of at most
+    # micro_batch_size, and grad_accum is derived (train.batch_plan).
+    global_batch_size: int = setting(0, ge=0)
+    # 0: a round is epochs_per_round passes over the labeled rows. > 0: the optimizer steps of the whole run, across
+    # rounds (SPEC A.0.2: 10,000), in "epochs" of steps_per_epoch steps (SPEC's eval_step 100): the cosine schedule
+    # steps, and a checkpoint is reported, once per such epoch.
+    max_steps: int = setting(0, ge=0)
+    steps_per_epoch: int = setting(100, ge=1)
     epochs_per_round: int = 20
     lr: float = setting(0.02, gt=0)  # the tiny random-init model; the paper configs use SPEC's 0.01
     momentum: float = 0.9
@@ -348,11 +367,27 @@ class TrainConfig:
     max_failures: int = setting(1, resumable=True)
     num_to_keep: int = 2
 
+    def batch_plan(self) -> tuple[int, int]:
+        """(micro batch per rank, accumulation steps) of one optimizer step."""
+        if not self.global_batch_size:
+            return self.micro_batch_size, self.grad_accum
+        per_rank = self.global_batch_size // self.num_workers
+        micro = min(self.micro_batch_size, per_rank)
+        return micro, per_rank // micro
+
+    def epochs_per_round_for(self, num_rounds: int) -> int:
+        """Epochs of one round: epochs_per_round, or train.max_steps split evenly over the rounds."""
+        return self.max_steps // (max(num_rounds, 1) * self.steps_per_epoch) if self.max_steps else self.epochs_per_round
+
     def check(self) -> None:
         t = self
-        _need(t.global_batch_size == 0 or t.global_batch_size % (t.num_workers * t.micro_batch_size) == 0,
-              "train.global_batch_size", t.global_batch_size,
-              f"0 or a multiple of train.num_workers x train.micro_batch_size ({t.num_workers} x {t.micro_batch_size})")
+        per_rank = t.global_batch_size // t.num_workers
+        _need(t.global_batch_size == 0 or t.global_batch_size % t.num_workers == 0, "train.global_batch_size",
+              t.global_batch_size, f"0 or a multiple of train.num_workers ({t.num_workers})")
+        _need(t.global_batch_size == 0 or per_rank % min(t.micro_batch_size, per_rank) == 0,
+              "train.micro_batch_size", t.micro_batch_size,
+              f"a divisor of the {per_rank} rows each of {t.num_workers} workers takes of train.global_batch_size="
+              f"{t.global_batch_size}")
         _need(t.precision == "fp32" or t.use_gpu, "train.precision", t.precision,
               "fp32 without a GPU (bf16/fp16 need train.use_gpu=true)")
 
@@ -406,6 +441,14 @@ class Config:
         _need(not method.peft_methods or p.method in method.peft_methods, "peft.method", p.method,
               f"algorithm.name={a.name} ({method.summary}) is defined with peft.method "
               f"{' | '.join(method.peft_methods)}")
+        _need(not (self.train.zero_stage == 3 and p.method == "lora"), "train.zero_stage", 3,
+              "not with peft.method=lora: DeepSpeed ZeRO-3 does not partition peft's LoRA on nn.MultiheadAttention "
+              "(it fails at start-up: 'Parameter' object has no attribute 'ds_numel'); use peft.method=adaptformer "
+              "(the papers' adapter) or a ZeRO stage of 0-2")
+        t, rounds = self.train, max(self.rounds.num_rounds, 1)
+        _need(t.max_steps % (rounds * t.steps_per_epoch) == 0, "train.max_steps", t.max_steps,
+              f"0 or a multiple of rounds.num_rounds x train.steps_per_epoch ({rounds} x {t.steps_per_epoch}): every "
+              f"round trains the same whole epochs")
 
 
 # --------------------------------------------------------------------------------------------

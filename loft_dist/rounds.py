@@ -135,13 +135,16 @@ def _score(ctx: RunContext, r: int) -> None:
 def _train(ctx: RunContext, r: int) -> None:
     from loft_dist.algorithms import get_method
     from loft_dist.algorithms.loft import stage1_kept_ids
-    from loft_dist.data.pseudo_labels import round_datasets
+    from loft_dist.data.pseudo_labels import class_statistics, round_datasets
     from loft_dist.train.trainer import fit_round
 
     cfg, info = ctx.cfg, ctx.info
     ctx.ray()
     zs_table = ctx.layout.pseudo_labels(0)
-    pl_table = ctx.layout.pseudo_labels(r) if get_method(cfg.algorithm.name).pseudo_labels else None
+    method = get_method(cfg.algorithm.name)
+    pl_table = ctx.layout.pseudo_labels(r) if method.pseudo_labels else None
+    offline_table = pl_table if cfg.algorithm.mode == "offline" else None
+    stats = class_statistics(offline_table, len(info["class_names"])) if offline_table and method.class_stats else None
     kept = stage1_kept_ids(zs_table, cfg) if cfg.algorithm.mode == "online" else None
     ds, what = round_datasets(ctx.root, cfg, len(info["class_names"]), pl_table, zs_table, kept)
     log.info("round %d train set (%s): %d %s", r, cfg.algorithm.name, info["rows"]["labeled"], what)
@@ -149,7 +152,7 @@ def _train(ctx: RunContext, r: int) -> None:
     metrics = fit_round(cfg, ds, class_names=info["class_names"], prior=[c / sum(counts) for c in counts],
                         init_checkpoint=ctx.checkpoint(r - 1), round_idx=r,
                         storage_path=ctx.layout.ray_train, out_dir=ctx.layout.checkpoint(r),
-                        tracking_dir=ctx.layout.root)
+                        tracking_dir=ctx.layout.root, pool_stats=stats)
     storage.write_json(ctx.layout.train_metrics(r), metrics)
 
 

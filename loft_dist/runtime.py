@@ -15,17 +15,12 @@ log = logging.getLogger(__name__)
 def preflight(cfg) -> None:
     """What can fail without Ray, checked before Ray starts: the run dir can be written, model.name is a model, the
     weights file exists."""
-    from loft_dist.models.clip import WEIGHT_SUFFIXES, MissingWeightsError, check_model_name
-
+    from loft_dist.models.clip import check_model_name, check_weights_file
     from loft_dist.storage import check_writable
 
     check_writable(cfg.run.storage_path, "run.storage_path")
-    check_model_name(cfg.model.name)
-    p = cfg.model.pretrained
-    if p and (p.endswith(WEIGHT_SUFFIXES) or os.sep in p) and not Path(p).is_file():
-        raise MissingWeightsError(
-            f"model.pretrained={p!r}: no such file. Place the {cfg.model.name} weights there (a .pt/.bin/.safetensors "
-            f"state dict), or set model.pretrained to the file's path (on a cluster: a path every node sees)")
+    check_model_name(cfg.model.name, cfg.model.pretrained)
+    check_weights_file(cfg.model.name, cfg.model.pretrained)
 
 
 def init_ray(run_cfg, use_gpu: bool = False) -> bool:

@@ -1,7 +1,7 @@
 """Real `ray start` nodes on 127.0.0.1, each with its own temp dir and ports, for tests that need a cluster the test
 process is not part of (`ray job submit`, a driver killed and resubmitted, nodes added and lost).
 
-One head serves the whole test session (tests/conftest.py `ray_cluster`): the job-submit, kill-driver and multi-node
+One head serves the whole test session (tests/conftest.py `ray_cluster`): the kill-driver and multi-node
 tests all drive it, and the multi-node tests add worker nodes to it (`add_node`) and crash them (`kill_node`).
 
 Stopped by process id, never with `ray stop`: that kills every Ray process on the machine, the test session's own

@@ -102,7 +102,7 @@ def ray_train(p: kit.Profile) -> dict:
         prepare_dataset(cfg)
         info = read_dataset_info(cfg.data_root)
         counts = info["counts"]["labeled"]
-        ds, _ = training_dataset(cfg.data_root, cfg, len(counts), None)
+        ds = training_dataset(cfg.data_root, cfg, len(counts))
         init_ray(cfg.run, use_gpu=gpu)
         t0 = time.perf_counter()
         m = fit_round(cfg, ds, class_names=info["class_names"], prior=[c / sum(counts) for c in counts],

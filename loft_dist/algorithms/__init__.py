@@ -74,6 +74,14 @@ def inference_logits(acfg, model, images, purpose: str):
     return logits_for(acfg, model(images), purpose)
 
 
+def start_round(acfg, model, pool_stats: dict | None) -> None:
+    """Work before a round's first step: ULFine's P_u^k from the round's table (offline; pool_stats None online)."""
+    if acfg.name == "ulfine":
+        from loft_dist.algorithms.ulfine import start_round as ulfine_start_round
+
+        ulfine_start_round(model, pool_stats, acfg)
+
+
 def after_step(acfg, model, out, code, target, soft) -> None:
     """Work after each optimizer step that is not a gradient: ULFine's prototype adaptive fitting."""
     if acfg.name == "ulfine":

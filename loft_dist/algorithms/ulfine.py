@@ -9,10 +9,9 @@ paf_shift, so that no optimizer (DeepSpeed ZeRO keeps its own master copy of the
 
 Per step (offline and online alike), after the optimizer step:
     c^v_k   = normalize(mean of normalised features of the labeled rows of class k, over every rank)
-    P_u^k  += confident (hard) pseudo-labels of class k in the step (paf.stat pl_count), or their teacher
-              probability mass (mean_conf); summed over the round so far. Offline that is the round's
-              pseudo-label table as the student streams it (labels of the last round's model); online, a
-              running statistic of the per-step decisions.
+    P_u^k   = confident (hard) pseudo-labels of class k (paf.stat pl_count), or the teacher's probability
+              mass (mean_conf). Offline: over the whole round's table, the labels of the last round's model, fixed
+              for the round (SPEC Decision 5; `start_round`); online: summed over the per-step decisions so far.
     alpha_k = mu * P_u^k / max_i P_u^i        (mu = paf.momentum; 0 while no class has any)
     c^t_k  <- (1 - alpha_k) c^t_k + alpha_k ||c^t_k|| c^v_k     (classes with labeled rows in the step)
 Loss: each head's LoFT-family loss (the shared decision rule; FixMatch's hard band by default) + paf.orth_weight
@@ -96,7 +95,8 @@ class ULFineClassifier(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.register_buffer("paf_shift", torch.zeros(num_classes, dim))
-        self.register_buffer("pu", torch.zeros(num_classes))  # P_u^k of this round so far (reset each round)
+        self.register_buffer("pu", torch.zeros(num_classes))  # P_u^k of this round (reset each round)
+        self.pu_fixed = False  # offline: P_u^k is the round table's, set once by start_round
         self.step_prototypes = None  # the prototypes of the last training forward, for PAF after the step
 
     def forward(self, images: torch.Tensor) -> dict:
@@ -174,6 +174,15 @@ loss = ulfine_loss
 
 
 @torch.no_grad()
+def start_round(model: ULFineClassifier, pool_stats: dict | None, acfg) -> None:
+    """Offline: P_u^k from the round's whole table (pseudo_labels.class_statistics), not from the rows streamed so far,
+    so alpha_k rests on every pseudo-label of the last round's model from the first step on."""
+    if pool_stats is not None:
+        model.pu.copy_(torch.tensor(pool_stats[acfg.paf.stat], dtype=model.pu.dtype))
+        model.pu_fixed = True
+
+
+@torch.no_grad()
 def after_step(model: ULFineClassifier, out: dict, code: torch.Tensor, target: torch.Tensor, soft: torch.Tensor,
                acfg) -> None:
     """PAF from this step's rows on every rank (one all-reduce, so every rank applies the same update)."""
@@ -198,6 +207,7 @@ def after_step(model: ULFineClassifier, out: dict, code: torch.Tensor, target: t
     dim = feat.shape[1]
     feat_sum = packed[: num_classes * dim].view(num_classes, dim)
     count, stat = packed[num_classes * dim: num_classes * (dim + 1)], packed[num_classes * (dim + 1):]
-    model.pu += stat
+    if not model.pu_fixed:
+        model.pu += stat
     before = model.step_prototypes
     model.paf_shift += prototype_adaptive_fitting(before, feat_sum, count, paf_alpha(model.pu, acfg.paf.momentum)) - before

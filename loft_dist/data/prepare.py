@@ -77,7 +77,36 @@ def _check_no_empty_class(src: Source, where: str, what: str) -> None:
         c = int(empty[0])
         raise SourceError(f"{where}: class {c} ({src.class_names[c]!r}) has no {what} images "
                           f"({len(empty)} of {len(src.class_names)} classes are empty); every class needs images — "
-                          f"add some, or drop the class from the labels / class directories")
+                          f"add some, or leave the class out by name: data.drop_classes=[{src.class_names[c]!r}]")
+
+
+def _subset_encoded(encoded, keep: np.ndarray, i: int) -> bytes:
+    return encoded(int(keep[i]))
+
+
+def _subset_origin(origin, keep: np.ndarray, i: int) -> str:
+    return origin(int(keep[i]))
+
+
+def drop_classes(src: Source, names: list[str], where: str, known: list[str] | None = None) -> Source:
+    """The source without the classes named (data.drop_classes), the others keeping their order. A name that is no
+    class of the training source (known) is a config error."""
+    if not names:
+        return src
+    import functools
+
+    from loft_dist.errors import ConfigError
+
+    known = list(src.class_names) if known is None else known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"data.drop_classes names {unknown[0]!r}, which is not a class of {where} "
+                          f"({len(known)} classes, e.g. {', '.join(repr(n) for n in known[:3])}); fix the name")
+    kept_names = [n for n in src.class_names if n not in names]
+    new_index = np.asarray([kept_names.index(n) if n in kept_names else -1 for n in src.class_names], np.int64)
+    keep = np.flatnonzero(new_index[src.labels] >= 0)
+    return Source(kept_names, new_index[src.labels[keep]], functools.partial(_subset_encoded, src.encoded, keep),
+                  functools.partial(_subset_origin, src.origin, keep))
 
 
 def _align_classes(src: Source, class_names: list[str], where: str) -> Source:
@@ -106,6 +135,7 @@ def load_train_source(d: DataConfig):
                 src = sources.read_image_folder(d.source_path)
             else:
                 src = sources.read_manifest(d.source_path)
+    src = drop_classes(src, list(d.drop_classes), f"data.source_path={d.source_path or d.source}")
     _check_no_empty_class(src, f"data.source_path={d.source_path or d.source}", "training")
     return src
 
@@ -117,22 +147,56 @@ def load_test_source(d: DataConfig, class_names: list[str]) -> Source:
         with _reading("data.source_path", d.source_path, " (its official test batch; data.test_source=carve takes "
                                                          "the test split from the training batches instead)"):
             src = sources.read_cifar(d.source_path, split="test", variant=d.source)
+        src = drop_classes(src, list(d.drop_classes), f"data.source_path={d.source_path}")
     else:
         with _reading("data.test_path", d.test_path):
             if d.source == "imagefolder":
-                src = _align_classes(sources.read_image_folder(d.test_path), class_names, d.test_path)
+                src = sources.read_image_folder(d.test_path)
+                src = drop_classes(src, [n for n in d.drop_classes if n in src.class_names], d.test_path)
+                src = _align_classes(src, class_names, d.test_path)
             else:
-                src = sources.read_manifest(d.test_path, class_names=class_names)
+                dropped = list(d.drop_classes)
+                src = drop_classes(sources.read_manifest(d.test_path, class_names=list(class_names) + dropped),
+                                   dropped, d.test_path)
     _check_no_empty_class(src, f"data.test_path={d.test_path or d.source_path}", "test")
     return src
 
 
-def load_ood_source(d: DataConfig, count: int, seed: int):
-    """The OOD source; `count` is only used by the generated one (the others hold what they hold)."""
+def _check_no_empty_split(d: DataConfig, names: list[str], counts: list[int], split: str) -> None:
+    from loft_dist.errors import ConfigError
+
+    empty = [c for c, k in enumerate(counts) if k == 0]
+    if empty and not d.allow_empty_classes:
+        shown = ", ".join(f"{c} {names[c]!r}" for c in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        fix = (f"raise data.n1 to at least data.gamma_l ({d.gamma_l:g}) or lower data.gamma_l"
+               if d.protocol == "lt" else "raise data.labeled_percent")
+        raise ConfigError(f"data.n1={d.n1}, data.gamma_l={d.gamma_l:g} leave {len(empty)} of {len(names)} classes with "
+                          f"no {split} image (classes {shown}): {fix}; or set data.allow_empty_classes=true to run "
+                          f"with them (their labeled prior is 0)" if d.protocol == "lt" else
+                          f"the {split} split has no image of {len(empty)} classes ({shown}): {fix}, or set "
+                          f"data.allow_empty_classes=true")
+
+
+def native_size(src) -> int:
+    """The side of the source's first image as stored (CIFAR: 32): what generated OOD images are drawn at, so an
+    image's size alone never tells OOD from ID."""
+    import io
+
+    from PIL import Image
+
+    if not len(src):
+        return 32
+    with Image.open(io.BytesIO(src.encoded(0))) as im:
+        return max(8, min(im.size))
+
+
+def load_ood_source(d: DataConfig, count: int, seed: int, id_size: int = 32):
+    """The OOD source; `count` is only used by the generated one (the others hold what they hold), whose images are
+    data.ood_image_size, or else id_size (the ID images' native side)."""
     from loft_dist.data import embedded, sources
 
     if d.ood_source == "generated":
-        return embedded.ood_source(count, seed=seed, size=d.ood_image_size or d.image_size)
+        return embedded.ood_source(count, seed=seed, size=d.ood_image_size or id_size)
     with _reading("data.ood_path", d.ood_path):
         if d.ood_source in ("cifar10", "cifar100"):
             return sources.read_cifar(d.ood_path, split="train", variant=d.ood_source)
@@ -179,6 +243,7 @@ def plan_splits(cfg: Config) -> Plan:
             raise SourceError(f"data.source_path={d.source_path}: class {c} ({names[c]!r}) has {sizes[c] + carve} "
                               f"images, too few to carve {carve} test images and label one; lower data.test_per_class")
         n, m = protocol.percent_counts(sizes.tolist(), d.labeled_percent)
+    _check_no_empty_split(d, names, n, "labeled")
     try:
         idx = protocol.split_long_tailed(labels, n, m, carve, d.labeled_in_unlabeled, seed)
     except protocol.ClassTooSmall as e:
@@ -189,7 +254,7 @@ def plan_splits(cfg: Config) -> Plan:
     want = d.ood_count if d.ood_count is not None else int(round(d.ood_ratio * n_pool))
     ood, ood_pool, ood_test = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
     if want or d.ood_test:
-        ood = load_ood_source(d, count=max(want, 0) + d.ood_test, seed=seed + 1)
+        ood = load_ood_source(d, count=max(want, 0) + d.ood_test, seed=seed + 1, id_size=native_size(train))
         if want == -1:
             want = len(ood) - d.ood_test
         if want < 0 or want + d.ood_test > len(ood):
@@ -232,7 +297,8 @@ def _per_class(labels: np.ndarray, idx: np.ndarray, C: int) -> list[int]:
 def _describe(d: DataConfig, plan: Plan) -> dict:
     ood = None
     if plan.ood is not None:
-        ood = f"{d.ood_source}:{d.ood_path}" if d.ood_path else f"generated ({d.ood_image_size or d.image_size} px)"
+        side = f"{d.ood_image_size} px" if d.ood_image_size else "at the ID images' native side"
+        ood = f"{d.ood_source}:{d.ood_path}" if d.ood_path else f"generated ({side})"
     test = (f"official: {d.test_path or d.source_path}" if plan.test is not None
             else f"carved: {d.test_per_class} per class from the training source")
     return {"train": f"{d.source}:{d.source_path}" if d.source_path else d.source, "test": test, "ood": ood}

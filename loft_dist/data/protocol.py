@@ -12,10 +12,18 @@ import numpy as np
 
 
 def long_tail_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
-    """n_c = floor(N1 * gamma^(-c/(C-1))) for c = 0..C-1 (class 0 is the head; n_{C-1} = floor(N1/gamma))."""
+    """The released code's `make_imb_data`: n_c = int(N1 * mu^c) with mu = (1/gamma)^(1/(C-1)) for c < C-1, and
+    n_{C-1} = int(N1/gamma); class 0 is the head.
+
+    Truncated as it truncates, float error included (N1 = 50, gamma = 8, C = 100: class 33 is int(24.999…) = 24,
+    not the 25 of exact arithmetic), so the splits hold the papers' image counts.
+    """
+    import numpy as np
+
     if num_classes == 1:
         return [int(n1)]
-    return [int(math.floor(n1 * gamma ** (-c / (num_classes - 1)) + 1e-9)) for c in range(num_classes)]
+    mu = np.power(1 / gamma, 1 / (num_classes - 1))
+    return [int(n1 * np.power(mu, c)) for c in range(num_classes - 1)] + [int(n1 / gamma)]
 
 
 def unlabeled_counts(m1: int, gamma_u: float, num_classes: int, dist: str) -> list[int]:

@@ -1,4 +1,5 @@
-"""Pseudo-label tables (DESIGN §3) and the training set built from labeled rows ∪ accepted pseudo-labels."""
+"""Pseudo-label tables (DESIGN §3) and the datasets a round trains on: labeled rows, and the pool rows with their
+pseudo-labels (offline: the round's table, joined shard by shard; online: decided at every step)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from loft_dist.data.decisions import DECISIONS, HARD, IGNORED, LABELED, SOFT
-from loft_dist.data.store import read_split
+from loft_dist.data.decisions import DECISIONS, HARD, IGNORED, LABELED, REJECTED, SOFT
+from loft_dist.data.store import read_split, shard_paths
+from loft_dist.errors import DataError
 from loft_dist.data.transforms import build_view, decode_all, decode_batch
 from loft_dist import storage
 
@@ -25,15 +27,17 @@ def table_rows(table_dir: str | Path) -> int:
     return storage.committed(str(table_dir))["rows"]
 
 
-def commit_table(staged: str | Path, final_dir: str | Path, expected_rows: int | None = None) -> int:
-    """storage.commit of a fully written table, its _SUCCESS carrying the row count (from the Parquet footers)."""
+def commit_table(staged: str | Path, final_dir: str | Path, expected_rows: int | None = None,
+                 shards: dict[str, str] | None = None) -> int:
+    """storage.commit of a fully written table, its _SUCCESS carrying the row count (from the Parquet footers) and,
+    for a scored table, `shards`: the input shard (file name) whose rows each of its files holds."""
     staged = str(staged)
     files = [storage.join(staged, n) for n in storage.listdir(staged) if n.endswith(".parquet")]
     rows = sum(pq.ParquetFile(storage.open_input(f)).metadata.num_rows for f in files)
     if expected_rows is not None and rows != expected_rows:
         raise RuntimeError(f"{staged} holds {rows} rows, expected exactly {expected_rows} (one per input image); "
                            f"not committing it")
-    storage.commit(staged, str(final_dir), {"rows": rows})
+    storage.commit(staged, str(final_dir), {"rows": rows, **({"shards": shards} if shards is not None else {})})
     return rows
 
 
@@ -42,37 +46,6 @@ def read_columns(table_dir: str | Path, columns: list[str]) -> dict[str, np.ndar
     parts = [pq.read_table(storage.open_input(f), columns=columns) for f in table_files(table_dir)]
     return {c: np.concatenate([p.column(c).to_numpy(zero_copy_only=False) for p in parts]) if parts else np.zeros(0)
             for c in columns}
-
-
-def accepted_lookup(table_dir: str | Path, num_classes: int) -> dict[str, np.ndarray]:
-    """Sorted arrays of the accepted (hard / soft) rows: id, code, target, weight and the soft target p."""
-    ids, codes, preds, weights, probs = [], [], [], [], []
-    for f in table_files(table_dir):
-        pf = pq.ParquetFile(storage.open_input(f))
-        cols = ["id", "decision", "pred", "weight", "probs"] + (["probs_idx"] if "probs_idx" in pf.schema_arrow.names else [])
-        for batch in pf.iter_batches(columns=cols):
-            dec = batch.column("decision").to_numpy(zero_copy_only=False)
-            keep = (dec == "hard") | (dec == "soft")
-            if not keep.any():
-                continue
-            idx = np.flatnonzero(keep)
-            ids.append(batch.column("id").to_numpy()[idx])
-            codes.append(np.where(dec[idx] == "hard", HARD, SOFT).astype(np.int8))
-            preds.append(batch.column("pred").to_numpy()[idx].astype(np.int64))
-            weights.append(batch.column("weight").to_numpy()[idx].astype(np.float32))
-            p = np.stack(batch.column("probs").to_numpy(zero_copy_only=False)[idx]).astype(np.float32)
-            if "probs_idx" in cols:  # top-k rows: scatter back into a full distribution
-                full = np.zeros((len(idx), num_classes), np.float32)
-                np.put_along_axis(full, np.stack(batch.column("probs_idx").to_numpy(zero_copy_only=False)[idx]), p, 1)
-                p = full
-            probs.append(p)
-    if not ids:
-        return {"id": np.zeros(0, np.int64), "code": np.zeros(0, np.int8), "target": np.zeros(0, np.int64),
-                "weight": np.zeros(0, np.float32), "soft": np.zeros((0, num_classes), np.float32)}
-    out = {"id": np.concatenate(ids), "code": np.concatenate(codes), "target": np.concatenate(preds),
-           "weight": np.concatenate(weights), "soft": np.concatenate(probs)}
-    order = np.argsort(out["id"])
-    return {k: v[order] for k, v in out.items()}
 
 
 def _labeled_rows(batch: dict, num_classes: int) -> dict:
@@ -84,22 +57,88 @@ def _labeled_rows(batch: dict, num_classes: int) -> dict:
     return batch
 
 
-def _attach_pseudo_labels(batch: dict, lookup_ref) -> dict:
-    """Keep the pool rows the decision admits, with their pseudo-label columns (lookup shared via the object store)."""
+POOL_DECISIONS = ("hard", "soft", "rejected")  # an offline round's pool rows; stage-1 `ood` rows never enter it (A.3)
+_CODE = {"hard": HARD, "soft": SOFT, "rejected": REJECTED}
+
+
+def _shard_parts(pl_table: str, data_root: str) -> list[dict]:
+    """[{shard, parts}]: each pool shard with the table files holding its rows (the table's _SUCCESS names them)."""
+    record = storage.committed(pl_table)
+    of = record.get("shards", {})
+    files = [f for f in record["files"] if f.endswith(".parquet")]
+    missing = [f for f in files if f not in of]
+    if missing:
+        raise DataError(f"{pl_table}: its _SUCCESS does not name the pool shard of {missing[0]} (a table scored before "
+                        f"tables recorded their shards); delete the table to score it again")
+    by_shard: dict[str, list[str]] = {}
+    for f in files:
+        by_shard.setdefault(of[f], []).append(storage.join(pl_table, f))
+    shards = {storage.name(p): p for p in shard_paths(data_root, "unlabeled")}
+    unknown = sorted(set(by_shard) - set(shards))
+    if unknown:
+        raise DataError(f"{pl_table} holds rows of pool shard {unknown[0]}, which {data_root}/unlabeled does not have: "
+                        f"the table was scored from another dataset; score it again from this one")
+    return [{"shard": shards[n], "parts": parts} for n, parts in sorted(by_shard.items())]
+
+
+def _pool_shard_rows(item: dict) -> dict:
+    """One pool shard's rows with their round's pseudo-label columns: the shard's images joined on id with the table
+    files that hold its rows, in this task. Top-k probabilities stay top-k (`soft` + `soft_idx`)."""
+    import pyarrow as pa
+
+    shard, parts = str(item["shard"][0]), [str(p) for p in item["parts"][0]]
+    first = pq.ParquetFile(storage.open_input(parts[0]))
+    cols = ["id", "decision", "pred", "weight", "error", "probs"] + \
+        (["probs_idx"] if "probs_idx" in first.schema_arrow.names else [])
+    table = pa.concat_tables([pq.read_table(storage.open_input(f), columns=cols) for f in parts])
+    dec = table.column("decision").to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(np.isin(dec, POOL_DECISIONS))
+    ids = table.column("id").to_numpy()[rows]
+    images = pq.read_table(storage.open_input(shard), columns=["id", "image"])
+    image_ids = images.column("id").to_numpy()
+    order = np.argsort(image_ids)
+    at = order[np.clip(np.searchsorted(image_ids[order], ids), 0, max(len(order) - 1, 0))]
+    if len(ids) and (not len(order) or (image_ids[at] != ids).any()):
+        raise DataError(f"{parts[0]}: pool ids of the pseudo-label table are not in {shard}; the pool changed since "
+                        f"it was scored — start a new run")
+    code = np.asarray([_CODE[d] for d in dec[rows]], np.int8)
+    code[table.column("error").to_numpy(zero_copy_only=False)[rows] != ""] = IGNORED
+    out = {"id": ids, "image": images.column("image").take(pa.array(at)).to_numpy(zero_copy_only=False),
+           "code": code, "target": table.column("pred").to_numpy()[rows].astype(np.int64),
+           "weight": table.column("weight").to_numpy()[rows].astype(np.float32),
+           "soft": _matrix(table.column("probs"), np.float32)[rows]}
+    if "probs_idx" in cols:
+        out["soft_idx"] = _matrix(table.column("probs_idx"), np.int64)[rows]
+    return out
+
+
+def _matrix(column, dtype) -> np.ndarray:
+    """A list<…> column of equal-length lists as a (rows, k) array, without a Python loop over rows."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column  # a table's or a batch's
+    flat = column.flatten().to_numpy().astype(dtype)
+    return flat.reshape(len(column), -1)
+
+
+def pool_dataset(data_root: str, cfg, pl_table: str) -> tuple[object, dict[str, int]]:
+    """An offline round's pool stream: every pool row the round's table decided hard, soft or rejected, with its
+    pseudo-label columns, in the strong (student) view; and the count of each decision.
+
+    Built shard by shard in Ray Data tasks, so the driver never holds the table (N x C probabilities), only the
+    shard → table files map of its _SUCCESS. Rejected rows are in it at weight 0: the step's loss is divided by
+    its mu x B pool rows, whatever they are (SPEC A.0.2)."""
     import ray
 
-    lookup = ray.get(lookup_ref) if isinstance(lookup_ref, ray.ObjectRef) else lookup_ref
-    ids = batch["id"]
-    pos = np.clip(np.searchsorted(lookup["id"], ids), 0, max(len(lookup["id"]) - 1, 0))
-    hit = (lookup["id"][pos] == ids) if len(lookup["id"]) else np.zeros(len(ids), bool)
-    rows = np.flatnonzero(hit)
-    out = {k: v[rows] for k, v in batch.items()}
-    p = pos[rows]
-    out["code"] = lookup["code"][p]
-    out["target"] = lookup["target"][p]
-    out["weight"] = lookup["weight"][p]
-    out["soft"] = lookup["soft"][p]
-    return out
+    items = _shard_parts(pl_table, data_root)
+    counts = pool_decisions(pl_table)
+    t = cfg.train
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1)).map_batches(
+        _pool_shard_rows, batch_size=1, batch_format="numpy", num_cpus=t.cpus_per_data_task)
+    ds = ds.randomize_block_order(seed=cfg.run.seed).map_batches(
+        decode_batch, fn_kwargs={"view": t.unlabeled_view, "image_size": cfg.data.image_size, "hflip": cfg.data.hflip,
+                                 "strong_aug": cfg.data.strong_aug},
+        batch_format="numpy", num_cpus=t.cpus_per_data_task,
+    ).map_batches(_to_train_columns, batch_format="numpy", num_cpus=t.cpus_per_data_task)
+    return ds, {d: counts[d] for d in POOL_DECISIONS}
 
 
 def _to_train_columns(batch: dict) -> dict:
@@ -107,37 +146,21 @@ def _to_train_columns(batch: dict) -> dict:
     code = batch["code"].astype(np.int8)
     code[np.asarray(batch["error"]) != ""] = IGNORED
     return {"image": batch["image"], "code": code, "target": batch["target"], "weight": batch["weight"],
-            "soft": batch["soft"], "id": batch["id"]}
+            "soft": batch["soft"], "id": batch["id"], **({"soft_idx": batch["soft_idx"]} if "soft_idx" in batch else {})}
 
 
-def training_dataset(data_root: str, cfg, num_classes: int, pl_table: str | None):
-    """Ray Dataset of labeled rows ∪ accepted pseudo-labeled pool rows, decoded into training views.
-
-    Labeled rows get `train.labeled_view`, pool rows `train.unlabeled_view` (strong), in Ray Data tasks.
-    """
-    import ray
-
-    cols = ["id", "image", "label"]
-    ds = read_split(data_root, "labeled", columns=cols).map_batches(_labeled_rows, fn_kwargs={"num_classes": num_classes},
-                                                                    batch_format="numpy")
-    n_accepted = 0
-    if pl_table is not None:
-        lookup = accepted_lookup(pl_table, num_classes)
-        n_accepted = len(lookup["id"])
-        if n_accepted:
-            ref = ray.put(lookup)
-            pool = read_split(data_root, "unlabeled", columns=cols).map_batches(
-                _attach_pseudo_labels, fn_kwargs={"lookup_ref": ref}, batch_format="numpy")
-            ds = ds.union(pool)
+def training_dataset(data_root: str, cfg, num_classes: int):
+    """Ray Dataset of the labeled rows, decoded into `train.labeled_view` in Ray Data tasks."""
+    ds = read_split(data_root, "labeled", columns=["id", "image", "label"]).map_batches(
+        _labeled_rows, fn_kwargs={"num_classes": num_classes}, batch_format="numpy")
     t = cfg.train
     views = {"view": t.unlabeled_view, "image_size": cfg.data.image_size, "hflip": cfg.data.hflip,
-             "labeled_view": t.labeled_view}
+             "labeled_view": t.labeled_view, "strong_aug": cfg.data.strong_aug}
     # Same num_cpus on both maps: Ray Data fuses them into one task per block (with the default 1 CPU on the
     # second it ran as a task of its own, one more process hop per block feeding the workers).
-    ds = ds.randomize_block_order(seed=cfg.run.seed).map_batches(
+    return ds.randomize_block_order(seed=cfg.run.seed).map_batches(
         decode_batch, fn_kwargs=views, batch_format="numpy", num_cpus=t.cpus_per_data_task,
     ).map_batches(_to_train_columns, batch_format="numpy", num_cpus=t.cpus_per_data_task)
-    return ds, n_accepted
 
 
 def _only_ids(batch: dict, ids_ref) -> dict:
@@ -150,12 +173,13 @@ def _only_ids(batch: dict, ids_ref) -> dict:
     return {k: v[hit] for k, v in batch.items()}
 
 
-def _weak_and_strong(batch: dict, student_view: str, image_size: int, hflip: bool) -> dict:
+def _weak_and_strong(batch: dict, student_view: str, image_size: int, hflip: bool,
+                     strong_aug: str = "randaugment_mc") -> dict:
     """Online pool rows: `image_weak` (the teacher's view) and `image` (the student's, strong by default).
 
     Each image is decoded once for both views; `ok` is 0 for a row that did not decode (its loss is ignored).
     """
-    weak, strong = build_view("weak", image_size, hflip), build_view(student_view, image_size, hflip)
+    weak, strong = build_view("weak", image_size, hflip), build_view(student_view, image_size, hflip, strong_aug)
     images = batch.pop("image")
     out = {v: np.zeros((len(images), 3, image_size, image_size), np.float32) for v in ("image_weak", "image")}
     ok = np.zeros(len(images), np.int8)
@@ -176,7 +200,7 @@ def online_datasets(data_root: str, cfg, num_classes: int, zs_table: str, kept_i
     """
     import ray
 
-    labeled, _ = training_dataset(data_root, cfg, num_classes, None)
+    labeled = training_dataset(data_root, cfg, num_classes)
     pool = read_split(data_root, "unlabeled", columns=["id", "image"])
     t = cfg.train
     if kept_ids is not None:
@@ -186,25 +210,51 @@ def online_datasets(data_root: str, cfg, num_classes: int, zs_table: str, kept_i
         n_pool = len(read_columns(zs_table, ["id"])["id"])
     pool = pool.randomize_block_order(seed=cfg.run.seed).map_batches(
         _weak_and_strong, fn_kwargs={"student_view": t.unlabeled_view, "image_size": cfg.data.image_size,
-                                     "hflip": cfg.data.hflip},
+                                     "hflip": cfg.data.hflip, "strong_aug": cfg.data.strong_aug},
         batch_format="numpy", num_cpus=t.cpus_per_data_task)
     return {"train": labeled, "pool": pool}, n_pool
 
 
 def round_datasets(data_root: str, cfg, num_classes: int, pl_table: str | None, zs_table: str,
                    kept_ids: np.ndarray | None = None) -> tuple[dict, str]:
-    """The Ray datasets one round trains on, and a line saying what they hold.
+    """The Ray datasets one round trains on, {"train": labeled rows[, "pool": pool rows]}, and a line saying what
+    they hold. Each step takes B labeled rows and mu x B pool rows, in both modes.
 
-    pl_table None: the method trains on labeled rows only. Online mode (algorithm.mode) reads the pool itself,
-    less the rows outside kept_ids."""
+    pl_table None: the method trains on labeled rows only. Online mode (algorithm.mode) reads the pool itself and
+    pseudo-labels it at every step, less the rows outside kept_ids; offline mode streams the round's table."""
+    mu_b = f"{cfg.algorithm.mu} x {cfg.train.micro_batch_size} pool rows per step"
     if cfg.algorithm.mode == "online":
         ds, n_pool = online_datasets(data_root, cfg, num_classes, zs_table, kept_ids)
-        return ds, (f"labeled rows + {n_pool} pool rows pseudo-labeled at every step (online)" if n_pool else
+        return ds, (f"labeled rows + {n_pool} pool rows pseudo-labeled at every step (online, {mu_b})" if n_pool else
                     "labeled rows only: the stage-1 zero-shot filter rejected every pool row (online)")
-    table = pl_table
-    ds, n_accepted = training_dataset(data_root, cfg, num_classes, table)
-    return {"train": ds}, (f"labeled rows + {n_accepted} accepted pseudo-labeled rows" if table else
-                           f"labeled rows only ({cfg.algorithm.name} trains on no pseudo-labels)")
+    labeled = training_dataset(data_root, cfg, num_classes)
+    if pl_table is None:
+        return {"train": labeled}, f"labeled rows only ({cfg.algorithm.name} trains on no pseudo-labels)"
+    pool, n = pool_dataset(data_root, cfg, pl_table)
+    if not sum(n.values()):
+        return {"train": labeled}, "labeled rows only: the stage-1 zero-shot filter rejected every pool row"
+    return {"train": labeled, "pool": pool}, (f"labeled rows + {sum(n.values())} pool rows of the round's table: hard "
+                                              f"{n['hard']}, soft {n['soft']}, rejected {n['rejected']} (weight 0), "
+                                              f"{mu_b}")
+
+
+def class_statistics(table_dir: str | Path, num_classes: int) -> dict[str, list[float]]:
+    """Per class, over a complete table's pool rows (hard, soft, rejected; never stage-1 `ood`): `pl_count`, its hard
+    pseudo-labels, and `mean_conf`, the teacher's probability mass. Streamed by batches: O(C) memory whatever N."""
+    count, mass = np.zeros(num_classes), np.zeros(num_classes)
+    for f in table_files(table_dir):
+        pf = pq.ParquetFile(storage.open_input(f))
+        cols = ["decision", "pred", "probs"] + (["probs_idx"] if "probs_idx" in pf.schema_arrow.names else [])
+        for batch in pf.iter_batches(columns=cols):
+            dec = batch.column("decision").to_numpy(zero_copy_only=False)
+            rows = np.isin(dec, POOL_DECISIONS)
+            count += np.bincount(batch.column("pred").to_numpy()[dec == "hard"], minlength=num_classes)
+            probs = _matrix(batch.column("probs"), np.float64)[rows]
+            if "probs_idx" in cols:
+                np.add.at(mass, _matrix(batch.column("probs_idx"), np.int64)[rows], probs)
+            else:
+                mass += probs.sum(axis=0)
+    return {"pl_count": count.tolist(), "mean_conf": mass.tolist()}
 
 
 def pool_decisions(table_dir: str | Path) -> dict[str, int]:

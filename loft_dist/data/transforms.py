@@ -15,6 +15,8 @@ import re
 import numpy as np
 from PIL import Image
 
+from loft_dist.config import STRONG_AUGS
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIEWS = ("clean", "weak", "strong", "rrc")
@@ -106,8 +108,10 @@ def normalize_tensor(pixels):
     return x.permute(0, 3, 1, 2)
 
 
-def build_view(view: str, size: int, hflip: bool) -> View:
-    """The view pipelines of SPEC A.0.4 (FixMatch weak/strong, RandomResizedCrop for labeled data)."""
+def build_view(view: str, size: int, hflip: bool, strong_aug: str = "randaugment_mc") -> View:
+    """The view pipelines of SPEC A.0.4 (FixMatch weak/strong, RandomResizedCrop for labeled data). The strong view
+    is weak + FixMatch's RandAugmentMC(2, 10) with its Cutout (data.strong_aug=randaugment_mc), or weak +
+    torchvision's RandAugment(2, 10) + RandomErasing on the normalized image (torchvision)."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; one of {VIEWS}")
     if view == "clean":
@@ -119,7 +123,13 @@ def build_view(view: str, size: int, hflip: bool) -> View:
     weak = [*flip, resize, T.RandomCrop(size, padding=int(0.125 * size), padding_mode="reflect")]
     if view == "weak":
         return View(size, weak)
+    if view == "strong" and strong_aug == "randaugment_mc":
+        from loft_dist.data.randaugment import RandAugmentMC
+
+        return View(size, [*weak, RandAugmentMC(n=2, m=10)])
     if view == "strong":
+        if strong_aug != "torchvision":
+            raise ValueError(f"unknown strong_aug {strong_aug!r}; one of {STRONG_AUGS}")
         return View(size, [*weak, T.RandAugment(num_ops=2, magnitude=10)], cutout=True)
     return View(size, [T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), *flip])
 
@@ -149,10 +159,10 @@ class Decoder:
     """
 
     def __init__(self, view: str, image_size: int, hflip: bool = False, labeled_view: str | None = None,
-                 normalized: bool = True):
+                 normalized: bool = True, strong_aug: str = "randaugment_mc"):
         self.size, self.normalized = image_size, normalized
-        self.view = build_view(view, image_size, hflip)
-        self.labeled_view = build_view(labeled_view, image_size, hflip) if labeled_view else None
+        self.view = build_view(view, image_size, hflip, strong_aug)
+        self.labeled_view = build_view(labeled_view, image_size, hflip, strong_aug) if labeled_view else None
         if not normalized and any(v is not None and v.cutout is not None for v in (self.view, self.labeled_view)):
             raise ValueError("the strong view's Cutout works on normalized images: decode it with normalized=True")
 
@@ -174,6 +184,6 @@ class Decoder:
 
 
 def decode_batch(batch: dict, view: str, image_size: int, hflip: bool = False, labeled_view: str | None = None,
-                 normalized: bool = True) -> dict:
+                 normalized: bool = True, strong_aug: str = "randaugment_mc") -> dict:
     """Function form of `Decoder` for Ray Data task stages (building the transforms per batch is cheap)."""
-    return Decoder(view, image_size, hflip, labeled_view, normalized)(batch)
+    return Decoder(view, image_size, hflip, labeled_view, normalized, strong_aug)(batch)

@@ -89,7 +89,7 @@ def _accuracy_figure(path: Path, rounds: list[dict], rules: dict[str, str]) -> P
         {g: [x["tertiles"][g]["accuracy"] for x in t] for g in TERTILES}, labels)
 
 
-def _class_groups(test: dict, num_classes: int) -> list[str]:
+def class_groups(test: dict, num_classes: int) -> list[str]:
     group = ["medium"] * num_classes
     for g in GROUPS:
         for c in test["groups"][g]["classes"]:
@@ -282,7 +282,7 @@ def _section_per_class(rep: _Report) -> list[dict]:
         rep.figure("per_class_accuracy.png", "bars: test accuracy (%) of each class, sorted by labeled count and "
                    "coloured by group; line: labeled images per class."
                    + (f" {missing} classes have no test images and no bar." if missing else ""),
-                   plots.per_class_accuracy, names, acc, rep.labeled, _class_groups(final["test"], len(names)),
+                   plots.per_class_accuracy, names, acc, rep.labeled, class_groups(final["test"], len(names)),
                    final["round"])
     conf = _confusion(rep.layout, final, len(names))
     if conf is None:

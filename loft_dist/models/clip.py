@@ -14,14 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loft_dist.errors import ConfigError, WeightsError
+from loft_dist.errors import ConfigError
+from loft_dist.models.weights import (MissingWeightsError, check_hub_source, hub_identifier, load_into,  # noqa: F401
+                                      read_state_dict, tag_quick_gelu)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-
-
-class MissingWeightsError(WeightsError):
-    """Pretrained weights are not available offline; the message says what to place where."""
 
 
 @functools.cache
@@ -32,11 +30,16 @@ def _register_configs() -> None:
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-def check_model_name(name: str) -> None:
-    """A ConfigError unless `name` is an open_clip model or one of MODEL_CONFIG_DIR's. Cheap (no model is built):
+def check_model_name(name: str, pretrained: str = "") -> None:
+    """A ConfigError unless `name` is an open_clip model or one of MODEL_CONFIG_DIR's, or (hf-hub:, local-dir:, a
+    hub-layout model.pretrained dir) brings its own config, found offline. Cheap (no model is built):
     `runtime.preflight` calls it before Ray starts, so that no actor or worker is the first to fail on it."""
     import difflib
 
+    hub = hub_identifier(name, pretrained)
+    if hub:
+        check_hub_source(hub)
+        return
     _register_configs()
     import open_clip
 
@@ -47,38 +50,63 @@ def check_model_name(name: str) -> None:
     close = [lower[m] for m in difflib.get_close_matches(str(name).lower().replace("/", "-"), list(lower), n=3)]
     hint = f"; did you mean {' or '.join(close)}?" if close else "."
     raise ConfigError(f"model.name={name!r} is neither an open_clip model nor a config in {MODEL_CONFIG_DIR}{hint} "
-                      f"Set model.name to one of open_clip.list_models() (e.g. ViT-B-16), or add <name>.json there")
+                      f"Set model.name to one of open_clip.list_models() (e.g. ViT-B-16), hf-hub:ORG/NAME, or add "
+                      f"<name>.json there")
+
+
+def is_weights_file(pretrained: str) -> bool:
+    return bool(pretrained) and (pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained) \
+        and not Path(pretrained).is_dir()
+
+
+def check_weights_file(name: str, pretrained: str) -> None:
+    if is_weights_file(pretrained) and not Path(pretrained).is_file():
+        raise MissingWeightsError(
+            f"model.pretrained={pretrained!r}: no such file. Place the {name} weights there (a .safetensors, "
+            f"a torch state dict, or OpenAI's TorchScript archive such as ViT-B-16.pt), or set model.pretrained to "
+            f"the file's path (on a cluster: a path every node sees)")
 
 
 def create_clip(name: str, pretrained: str = "", force_quick_gelu: bool = False):
-    """An open_clip model: random init (pretrained=""), a local weights file, or a pretrained tag from the cache."""
-    check_model_name(name)
+    """An open_clip model: random init (pretrained=""), a weights file of any format (models/weights.py), a hub
+    identifier or hub-layout dir, or a pretrained tag from the cache; offline, never unpickling code."""
     import open_clip
 
-    source = pretrained or None
-    if source and (source.endswith(WEIGHT_SUFFIXES) or os.sep in source):
-        if not Path(source).is_file():
-            raise MissingWeightsError(
-                f"model.pretrained={source!r}: no such file. Place the {name} weights there (a .pt/.bin/.safetensors "
-                f"state dict, e.g. OpenAI's ViT-B-16.pt), or set model.pretrained to the file's path")
-    elif source:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if source not in tags:
-            raise ConfigError(f"model.pretrained={source!r} is not a pretrained tag of {name}; tags: {', '.join(tags) or 'none'}")
+    check_model_name(name, pretrained)
+    hub = hub_identifier(name, pretrained)
+    if hub:
+        return open_clip.create_model(hub, force_quick_gelu=force_quick_gelu)
+    check_weights_file(name, pretrained)
+    if is_weights_file(pretrained):
+        state_dict, origin = read_state_dict(pretrained)
+        # OpenAI's archive: its weights were trained with QuickGELU, whatever model.name says
+        model = open_clip.create_model(name, force_quick_gelu=force_quick_gelu or origin == "openai")
+        load_into(model, state_dict, name, pretrained)
+        return model
+    if not pretrained:
+        return open_clip.create_model(name, force_quick_gelu=force_quick_gelu)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(f"model.pretrained={pretrained!r} is not a pretrained tag of {name}; tags: "
+                          f"{', '.join(tags) or 'none'}")
     try:
-        return open_clip.create_model(name, pretrained=source, force_quick_gelu=force_quick_gelu)
+        return open_clip.create_model(name, pretrained=pretrained,
+                                      force_quick_gelu=force_quick_gelu or tag_quick_gelu(name, pretrained))
     except (RuntimeError, OSError, ValueError) as e:
-        if source and not Path(source).is_file():
-            raise MissingWeightsError(
-                f"model.pretrained={source!r} for {name} is not in the local cache and this machine is offline. "
-                f"Download the weights on a connected machine (open_clip.create_model({name!r}, pretrained={source!r})), "
-                f"copy the file here and set model.pretrained=/path/to/file") from e
-        raise
+        raise MissingWeightsError(
+            f"model.pretrained={pretrained!r} for {name} is not in the local cache and this machine is offline. "
+            f"Download the weights on a connected machine (open_clip.create_model({name!r}, "
+            f"pretrained={pretrained!r})), copy the file here and set model.pretrained=/path/to/file") from e
+
+
+def tokenizer_name(name: str, pretrained: str) -> str:
+    """What open_clip's tokenizer is looked up by: the hub identifier when the weights bring their own config."""
+    return hub_identifier(name, pretrained) or name
 
 
 @torch.no_grad()
 def text_prototypes(clip, name: str, class_names: list[str], prompt: str) -> torch.Tensor:
-    """t_c = normalize(CLIP_text(prompt.format(class_c))), shape (C, embed_dim)."""
+    """t_c = normalize(CLIP_text(prompt.format(class_c))), shape (C, embed_dim); `name` as tokenizer_name gives it."""
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(name, context_length=clip.context_length)
@@ -138,7 +166,7 @@ def build_classifier(model_cfg, peft_cfg, class_names: list[str]) -> ClipClassif
     if getattr(visual, "proj", None) is None:
         raise ConfigError(f"model.name={model_cfg.name!r}: loft_dist needs a ViT image tower with a projection "
                          f"(open_clip ViT models); this model has none")
-    text = text_prototypes(clip, model_cfg.name, class_names, model_cfg.prompt)
+    text = text_prototypes(clip, tokenizer_name(model_cfg.name, model_cfg.pretrained), class_names, model_cfg.prompt)
     proj = visual.proj.detach().clone().float()
     head = CosineHead(F.normalize(text @ proj.t(), dim=-1), model_cfg.head_scale)
     logit_scale = float(clip.logit_scale.detach().exp())

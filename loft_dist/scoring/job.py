@@ -72,15 +72,17 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
     chunks in flight, and a retried actor task cannot leave a duplicate file behind.
     """
     chunk_of = {_path_key(p): c for c, ps in chunks.items() for p in ps}
+    shard_name = {_path_key(p): storage.name(p) for ps in chunks.values() for p in ps}
     scored = _scored_dataset(cfg, [p for c in sorted(chunks) for p in chunks[c]], sum(expected.values()), scorer_kwargs)
     tag = uuid.uuid4().hex[:8]
     tmp = {c: storage.join(work, f".chunk-{c:05d}.tmp-{tag}") for c in chunks}
     got, parts = dict.fromkeys(chunks, 0), dict.fromkeys(chunks, 0)
+    shards: dict[int, dict[str, str]] = {c: {} for c in chunks}  # file → its input shard: one shard per file
     try:
         for c in chunks:
             storage.makedirs(tmp[c])
             if expected[c] == 0:  # shards without rows: nothing will arrive for them
-                commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=0)
+                commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=0, shards={})
                 on_commit(c, 0)
         for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             keys = block.column("path").to_pylist()
@@ -91,12 +93,15 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
                 if c is None:
                     raise RuntimeError(f"scored rows from {key!r}, which is not one of this job's shards")
                 rows = block if len(unique) == 1 else block.filter(pa.array([k == key for k in keys]))
-                with storage.open_output(storage.join(tmp[c], f"part-{parts[c]:05d}.parquet")) as f:
+                name = f"part-{parts[c]:05d}.parquet"
+                with storage.open_output(storage.join(tmp[c], name)) as f:
                     pq.write_table(rows, f)
+                shards[c][name] = shard_name.get(_path_key(key), storage.name(key))
                 parts[c] += 1
                 got[c] += rows.num_rows
                 if got[c] == expected[c]:
-                    commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=expected[c])
+                    commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=expected[c],
+                                 shards=shards[c])
                     on_commit(c, expected[c])
         short = {c: (got[c], expected[c]) for c in chunks if got[c] != expected[c]}
         if short:
@@ -151,11 +156,16 @@ def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str],
     if todo:
         _score_chunks(cfg, todo, {i: rows[i] for i in todo}, work, kwargs, on_commit)
 
-    staged = storage.staging(out)
+    staged, shards = storage.staging(out), {}
     for i in range(len(chunks)):
-        for f in table_files(storage.join(work, f"chunk-{i:05d}")):
-            storage.move(f, storage.join(staged, f"chunk-{i:05d}-{storage.name(f)}"))
-    n = commit_table(staged, out, expected_rows=total)
+        chunk = storage.join(work, f"chunk-{i:05d}")
+        of = storage.committed(chunk).get("shards", {})
+        for f in table_files(chunk):
+            name = f"chunk-{i:05d}-{storage.name(f)}"
+            storage.move(f, storage.join(staged, name))
+            if storage.name(f) in of:  # a chunk committed by an older version names none; training then says so
+                shards[name] = of[storage.name(f)]
+    n = commit_table(staged, out, expected_rows=total, shards=shards)
     storage.remove(work)
     return n
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 
-def grad_accum_steps(t) -> int:
-    """train.grad_accum, or the steps that keep train.global_batch_size fixed whatever the worker count."""
-    return t.global_batch_size // (t.num_workers * t.micro_batch_size) if t.global_batch_size else t.grad_accum
-
-
 def deepspeed_config(t) -> dict:
-    accum = grad_accum_steps(t)
+    micro, accum = t.batch_plan()
     cfg = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "train_batch_size": t.micro_batch_size * accum * t.num_workers,
+        "train_batch_size": micro * accum * t.num_workers,
         "zero_optimization": {"stage": t.zero_stage},
         # A torch optimizer is passed in (no JIT-compiled fused op); ZeRO accepts it with this flag.
         "zero_allow_untested_optimizer": True,

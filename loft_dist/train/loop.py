@@ -1,17 +1,18 @@
 """The recipe of one Ray Train worker: build the method's model, wrap it in a DeepSpeed engine, stream its data
 shards, train with the method's loss, and report metrics + a checkpoint every epoch (every rank, same cadence).
 
-Offline mode streams one dataset, "train": labeled rows ∪ the pool rows the round's table accepted, each with its
-pseudo-label columns. Online mode (FixMatch-style, SPEC A.0.2) streams two: "train" (labeled rows) and "pool"
-(unlabeled rows with a weak and a strong view); each step takes B labeled rows and mu * B pool rows, runs one
-forward over [labeled, weak, strong], pseudo-labels the weak view with the shared decision rule (teacher
-detached) and applies the same loss to the strong view. An epoch is one pass over the labeled shard in both
-modes; the pool stream cycles across epochs.
+Both modes stream "train" (labeled rows) and, for methods that learn from the pool, "pool"; each step takes B
+labeled rows and mu * B pool rows (SPEC A.0.2), and the method's loss divides its pool terms by those mu * B rows.
+Offline mode's pool rows carry the round's table decisions (hard, soft, and rejected at weight 0) in the strong
+view. Online mode (FixMatch-style) gives each pool row a weak and a strong view, runs one forward over [labeled,
+weak, strong], pseudo-labels the weak view with the shared decision rule (teacher detached) and applies the same
+loss to the strong view. An epoch is one pass over the labeled shard; the pool stream cycles across epochs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loft_dist.algorithms import after_step, load_model, logits_for, save_model, training_loss
+from loft_dist.algorithms import after_step, load_model, logits_for, save_model, start_round, training_loss
 from loft_dist.algorithms.loft import HARD, LABELED, SOFT, pseudo_label_decision
 from loft_dist.config import from_dict
 from loft_dist.data.decisions import IGNORED
@@ -68,11 +69,30 @@ def _cycle(shard, batch_size: int, t):
         yield None
 
 
-def online_batch(engine, acfg, labeled: dict, pool: dict, device):
-    """One online step's outputs and targets: teacher on the weak view, student rows = labeled + strong view."""
+def soft_targets(batch: dict, num_classes: int, device) -> torch.Tensor:
+    """A batch's soft targets as (rows, C): stored whole, or top-k (`soft` values at `soft_idx`) scattered here."""
+    soft = batch["soft"].to(device)
+    if "soft_idx" not in batch:
+        return soft
+    full = torch.zeros(len(soft), num_classes, dtype=soft.dtype, device=device)
+    return full.scatter_(1, batch["soft_idx"].to(device), soft)
+
+
+def offline_batch(engine, labeled: dict, pool: dict, device):
+    """One offline step's outputs and targets: labeled rows + mu x B pool rows with their table decisions."""
     if pool is None:
         out = _float(engine(labeled["image"].to(device)))
         return out, *(labeled[k].to(device) for k in ("code", "target", "weight", "soft"))
+    out = _float(engine(torch.cat([labeled["image"], pool["image"]]).to(device)))
+    C = labeled["soft"].shape[1]
+    code, target, weight = (torch.cat([labeled[k], pool[k]]).to(device) for k in ("code", "target", "weight"))
+    return out, code, target, weight, torch.cat([labeled["soft"].to(device), soft_targets(pool, C, device)])
+
+
+def online_batch(engine, acfg, labeled: dict, pool: dict, device):
+    """One online step's outputs and targets: teacher on the weak view, student rows = labeled + strong view."""
+    if pool is None:
+        return offline_batch(engine, labeled, None, device)
     b, n = len(labeled["image"]), len(pool["image"])
     images = torch.cat([labeled["image"], pool["image_weak"], pool["image"]]).to(device)
     out = _float(engine(images))
@@ -128,20 +148,19 @@ def restore(checkpoint, engine, optimizer, params) -> tuple[int, dict, dict]:
     return saved["epoch"] + 1, saved.get("loss_by_epoch", {}), record
 
 
-def _train_epoch(engine, shard, pool, cfg, prior) -> dict[str, float]:
-    """One pass over this rank's labeled shard (online: each step beside mu x B pool rows); the sums of every loss
+def _train_epoch(engine, labeled, pool, cfg, prior) -> dict[str, float]:
+    """One epoch's labeled batches, each step beside mu x B pool rows when there is a pool; the sums of every loss
     part and count over its steps."""
     a, device = cfg.algorithm, engine.device
     sums: dict[str, float] = {}
     t_ready = time.perf_counter()
-    for batch in _batches(shard, cfg.train.micro_batch_size, cfg.train):
+    for batch in labeled:
         t_start = time.perf_counter()
-        if pool is not None:
-            out, code, target, weight, soft = online_batch(engine, a, batch, next(pool), device)
+        pool_batch = next(pool) if pool is not None else None
+        if a.mode == "online":
+            out, code, target, weight, soft = online_batch(engine, a, batch, pool_batch, device)
         else:
-            out = _float(engine(batch["image"].to(device)))
-            code, target = batch["code"].to(device), batch["target"].to(device)
-            weight, soft = batch["weight"].to(device), batch["soft"].to(device)
+            out, code, target, weight, soft = offline_batch(engine, batch, pool_batch, device)
         loss, parts = training_loss(a, out, code, target, weight, soft, prior)
         engine.backward(loss)
         engine.step()
@@ -156,7 +175,7 @@ def _train_epoch(engine, shard, pool, cfg, prior) -> dict[str, float]:
     return sums
 
 
-def _group_metrics(sums: dict[str, float], loss_by_epoch: dict, online: bool, device) -> dict:
+def _group_metrics(sums: dict[str, float], loss_by_epoch: dict, has_pool: bool, device) -> dict:
     """An epoch's metrics over the whole group, not rank 0 alone (every rank has the same keys: same method, same
     loop); appends its losses to loss_by_epoch. The sums travel on the engine's device: NCCL reduces no CPU tensor."""
     import torch.distributed as dist
@@ -172,7 +191,7 @@ def _group_metrics(sums: dict[str, float], loss_by_epoch: dict, online: bool, de
     metrics = {**losses, "loss_by_epoch": loss_by_epoch, "steps_all_ranks": int(t.get("steps", 0)),
                "ignored_rows": int(t.get("ignored_rows", 0)), "step_time_s": t.get("compute_s", 0.0) / steps,
                "data_wait_s": t.get("data_wait_s", 0.0) / steps}
-    if online:  # what the per-step decisions admitted, over every pool row the student saw this epoch
+    if has_pool:  # what the decisions admitted, over every pool row the student saw this epoch
         pool_rows = max(t.get("pool_rows", 0.0), 1.0)
         metrics.update({"pool_rows_seen": int(t.get("pool_rows", 0)), "hard_share": t.get("hard_rows", 0.0) / pool_rows,
                         "soft_share": t.get("soft_rows", 0.0) / pool_rows})
@@ -220,6 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # --- model, optimizer, engine
     model = load_model(cfg, config["class_names"], config["init_checkpoint"]).train()
+    start_round(a, model, config.get("pool_stats"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
@@ -237,10 +257,14 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"round {config['round_idx']}: resumed after epoch {restored['epoch']} from the last reported "
                   f"checkpoint (adapter, head, optimizer state)", flush=True)
 
-    online = a.mode == "online"
+    t = cfg.train
+    micro, accum = t.batch_plan()
     shard = ray.train.get_dataset_shard("train")
-    pool = _cycle(ray.train.get_dataset_shard("pool"), a.mu * cfg.train.micro_batch_size, cfg.train) if online else None
-    epochs, offset, total = cfg.train.epochs_per_round, config["epoch_offset"], config["total_epochs"]
+    pool = _cycle(ray.train.get_dataset_shard("pool"), a.mu * micro, t) if config.get("has_pool") else None
+    # train.max_steps: epochs of steps_per_epoch optimizer steps from a labeled stream that cycles across them;
+    # else an epoch is one pass over the labeled shard.
+    labeled = _cycle(shard, micro, t) if t.max_steps else None
+    epochs, offset, total = t.epochs_per_round_for(cfg.rounds.num_rounds), config["epoch_offset"], config["total_epochs"]
     tracker = None
     if rank == 0 and config.get("tracking_dir"):
         from loft_dist.tracking import Tracker
@@ -250,9 +274,10 @@ def train_loop_per_worker(config: dict) -> None:
         lr = cosine_lr(cfg.train.lr, offset + epoch, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums = _train_epoch(engine, shard, pool, cfg, prior)
+        batches = itertools.islice(labeled, t.steps_per_epoch * accum) if labeled else _batches(shard, micro, t)
+        sums = _train_epoch(engine, batches, pool, cfg, prior)
         metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
-                   **_group_metrics(sums, loss_by_epoch, online, engine.device), "worker_nodes": worker_nodes}
+                   **_group_metrics(sums, loss_by_epoch, pool is not None, engine.device), "worker_nodes": worker_nodes}
         state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
         _report(engine, model, params, metrics, {**state, "restored": restored} if restored else state)
         restored = None  # only the first checkpoint after a resume carries the record

@@ -7,7 +7,6 @@ import logging
 from loft_dist import storage
 from loft_dist.config import to_dict
 from loft_dist.errors import DataError
-from loft_dist.train.deepspeed_config import grad_accum_steps
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,8 @@ def training_ask(cfg):
 
 
 def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init_checkpoint: str | None,
-              round_idx: int, storage_path: str, out_dir: str, tracking_dir: str | None = None) -> dict:
+              round_idx: int, storage_path: str, out_dir: str, tracking_dir: str | None = None,
+              pool_stats: dict | None = None) -> dict:
     """Train one round on `train_ds` with Ray Train workers running DeepSpeed; copy the last checkpoint to out_dir."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -46,9 +46,11 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
         train_loop_per_worker,
         train_loop_config={
             "cfg": to_dict(cfg), "class_names": class_names, "prior": prior, "init_checkpoint": init_checkpoint,
-            "epoch_offset": (round_idx - 1) * t.epochs_per_round,
-            "total_epochs": cfg.rounds.num_rounds * t.epochs_per_round,
+            "epoch_offset": (round_idx - 1) * t.epochs_per_round_for(cfg.rounds.num_rounds),
+            "total_epochs": cfg.rounds.num_rounds * t.epochs_per_round_for(cfg.rounds.num_rounds),
             "round_idx": round_idx, "tracking_dir": tracking_dir,  # rank 0 logs epoch curves to the run's tracker
+            "has_pool": isinstance(train_ds, dict) and "pool" in train_ds,
+            "pool_stats": pool_stats,  # per-class statistics of the round's table, for methods that start from them
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement_strategy),
@@ -57,12 +59,12 @@ def fit_round(cfg, train_ds, *, class_names: list[str], prior: list[float], init
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
         ),
-        datasets=train_ds if isinstance(train_ds, dict) else {"train": train_ds},  # online: {"train", "pool"}
+        datasets=train_ds if isinstance(train_ds, dict) else {"train": train_ds},  # {"train"[, "pool"]}
         dataset_config=DataConfig(execution_options=ingest),
     )
     log.info("round %d train: %d Ray Train workers x %s, DeepSpeed ZeRO stage %d, %s, micro batch %d x accum %d "
              "→ global batch %d", round_idx, t.num_workers, resources, t.zero_stage, t.precision,
-             t.micro_batch_size, grad_accum_steps(t), t.num_workers * t.micro_batch_size * grad_accum_steps(t))
+             *t.batch_plan(), t.num_workers * t.batch_plan()[0] * t.batch_plan()[1])
     result = trainer.fit()
     if result.error:
         raise result.error

@@ -46,6 +46,7 @@ def test_yaml_and_overrides_win_over_implied_values(tmp_path):
     (["algorithm.dlf.use_for=[eval]"], ["algorithm.dlf.use_for", "pseudo_label"]),
     (["algorithm.dlf.weight=2"], ["algorithm.dlf.weight=2"]),
     (["algorithm.paf.gamma=1"], ["algorithm.paf.gamma", "momentum"]),
+    (["train.zero_stage=3", "peft.method=lora"], ["train.zero_stage=3", "ds_numel", "peft.method=adaptformer"]),
 ])
 def test_bad_method_settings_name_key_value_and_allowed(overrides, must_contain):
     with pytest.raises(ConfigError) as e:

@@ -4,6 +4,7 @@ momentum update, the combined loss, the per-step PAF with its P_u statistic, and
 import math
 
 import pytest
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -74,6 +75,7 @@ class _Stub(nn.Module):
         self.register_buffer("pu", torch.zeros(len(prototypes)))
         self.register_buffer("paf_shift", torch.zeros_like(prototypes))
         self.step_prototypes = prototypes
+        self.pu_fixed = False
 
 
 def test_after_step_counts_confident_pseudo_labels_and_moves_prototypes():
@@ -96,6 +98,35 @@ def test_after_step_counts_confident_pseudo_labels_and_moves_prototypes():
     after_step(model, out, code, target, soft, cfg)
     assert torch.allclose(model.pu, torch.tensor([1.1, 0.9]))  # teacher mass of both pool rows
     assert torch.allclose(model.paf_shift[0], torch.tensor([-0.5, 0.5]))  # alpha_0 = 0.5 * 1.1 / 1.1
+
+
+def test_offline_rounds_take_p_u_from_the_whole_table_not_the_rows_streamed(tmp_path):
+    import pyarrow as pa
+
+    from loft_dist.algorithms.ulfine import start_round
+    from loft_dist.data.pseudo_labels import class_statistics, commit_table
+
+    # a table of 5 pool rows (one stage-1 ood row, which is never in the pool) with top-2 probabilities
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    lists = lambda rows, t: pa.array(rows, type=pa.list_(t))  # noqa: E731
+    pa.parquet.write_table(pa.table({
+        "id": [1, 2, 3, 4, 5], "decision": ["hard", "hard", "soft", "rejected", "ood"], "pred": [1, 1, 0, 2, 0],
+        "probs": lists([[0.9, 0.1], [0.8, 0.2], [0.5, 0.5], [0.4, 0.6], [1.0, 0.0]], pa.float32()),
+        "probs_idx": lists([[1, 0], [1, 2], [0, 1], [2, 0], [0, 1]], pa.int32())}), staged / "part-0.parquet")
+    commit_table(staged, tmp_path / "table")
+    stats = class_statistics(tmp_path / "table", 3)
+    assert stats["pl_count"] == [0.0, 2.0, 0.0]
+    np.testing.assert_allclose(stats["mean_conf"], [0.1 + 0.5 + 0.6, 0.9 + 0.8 + 0.5, 0.2 + 0.4], rtol=1e-6)
+
+    cfg = ulfine_cfg("algorithm.paf.momentum=0.5")
+    model = _Stub(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    start_round(model, {"pl_count": [4.0, 2.0, 0.0], "mean_conf": [1.0, 1.0, 1.0]}, cfg)
+    out = {"feat": torch.tensor([[0.0, 3.0], [5.0, 5.0]])}
+    # the step's hard row is of class 2; P_u stays the table's, so alpha = 0.5 * [1, .5, 0]
+    after_step(model, out, torch.tensor([LABELED, HARD]), torch.tensor([0, 2]), torch.zeros(2, 3), cfg)
+    assert model.pu.tolist() == [4.0, 2.0, 0.0]
+    assert torch.allclose(model.paf_shift[0], torch.tensor([-0.5, 0.5]))  # alpha_0 = 0.5 from the table's counts
 
 
 def test_ulfine_loss_is_per_head_losses_plus_weighted_orthogonality():

@@ -1,4 +1,5 @@
-"""cluster/README.md section 10, "A dry run on one machine", run as written: its bash block is read from the README,
+"""cluster/README.md section 10, "A dry run on one machine", run as written (it is also the test of `ray job
+submit` through cluster/submit.sh: the job joins the head, and its tables hold one row per pool image): its bash block is read from the README,
 so the two cannot drift apart.
 
 The block runs in one bash process, command after command, from a copy of the repository (what a new user has:
@@ -240,13 +241,31 @@ def test_readme_dry_run_submits_the_tiny_config_with_token_auth_on(dry_run):
         urllib.request.urlopen(f"{dry_run.dashboard_url}/api/version", timeout=30)
     assert refused.value.code == 401
 
+    # The job's driver joined this head (RAY_ADDRESS from the job; run.ray_address unset), not a Ray of its own.
+    assert re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{dry_run.env['GCS_PORT']}\b", output), \
+        output[-4000:]
+
     run_dir = dry_run.repo / "runs" / "job"
     assert json.loads((run_dir / "state.json").read_text())["completed"] == PHASES
     assert '"completed"' in output and '"r1.eval"' in output, "`cat runs/job/state.json` printed nothing"
     report = (run_dir / "report" / "report.md").read_text()
     assert "zero-shot" in report and report.strip().splitlines()[0] in output, "`cat runs/job/report/report.md`"
-    assert (run_dir / "rounds" / "r1" / "checkpoint" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    pool = sorted(_ids(run_dir / "data" / "unlabeled"))
+    for r in (0, 1):  # the actor pool wrote one row per pool image, and the table's _SUCCESS says how many
+        table = run_dir / "rounds" / f"r{r}" / "pseudo_labels"
+        ids = _ids(table)
+        assert len(ids) == len(set(ids)) and sorted(ids) == pool, f"round {r}: not one row per pool image"
+        assert json.loads((table / "_SUCCESS").read_text())["rows"] == len(pool)
+    ckpt = run_dir / "rounds" / "r1" / "checkpoint"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((ckpt / "train_state.json").read_text())["epoch"] == 0
     assert 0.0 <= json.loads((run_dir / "rounds" / "r1" / "metrics.json").read_text())["test"]["accuracy"] <= 1.0
+
+
+def _ids(directory: Path) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(sorted(str(p) for p in directory.glob("*.parquet")), columns=["id"]).column("id").to_pylist()
 
 
 def _submit(dry_run, **env_extra) -> subprocess.CompletedProcess:

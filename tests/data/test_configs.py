@@ -15,7 +15,7 @@ PATHS = {"imagenet127_1pct": [SOURCE, TEST], "imagenet127_1pct_ow": [SOURCE, TES
 # Training images per class of the official sets.
 PER_CLASS = {"cifar10": (10, 5000), "cifar100": (100, 500)}
 DATASET_CONFIGS = ["cifar10_lt", "cifar100_lt_n50_m400", "cifar100_lt_n150_m300", "imagenet127_1pct",
-                   "cifar100_lt_ow", "imagenet127_1pct_ow", "cifar100_lt_loft"]
+                   "cifar100_lt_ow", "imagenet127_1pct_ow", "cifar100_lt_loft", "cifar100_lt_ulfine"]
 
 
 def load(name: str, *extra: str):
@@ -26,7 +26,7 @@ def load(name: str, *extra: str):
 @pytest.mark.parametrize("name", DATASET_CONFIGS)
 def test_config_loads_and_names_its_command(name):
     cfg, text = load(name)
-    command = "loft-dist run" if name == "cifar100_lt_loft" else "loft-dist prepare"
+    command = "loft-dist run" if name in ("cifar100_lt_loft", "cifar100_lt_ulfine") else "loft-dist prepare"
     assert f"{command} configs/{name}.yaml" in text
     assert cfg.run.name == name and cfg.data.image_size == 224 and cfg.data.hflip
 

@@ -185,6 +185,20 @@ def test_ood_images_join_the_pool_with_their_own_ids(small_cifar100, small_cifar
     assert all(s.startswith(origin[ood_source]) for s in np.concatenate([unl["source"][is_ood], ood_test["source"]]))
 
 
+def test_generated_ood_images_have_the_id_images_native_size(small_cifar100, make_config):
+    # data.image_size is 224, the CIFAR images 32 px: were the OOD images 224 px, their size alone would separate them
+    cfg = make_config(**lt(source_path=small_cifar100, ood_count=6, ood_test=2, image_size=224))
+    prepare_dataset(cfg)
+    import io
+
+    from PIL import Image
+
+    for split in ("unlabeled", "ood_test"):
+        images = read(cfg.data_root, split, columns=("image", "true_label"))
+        sizes = {(int(t) < 0, Image.open(io.BytesIO(b)).size) for b, t in zip(images["image"], images["true_label"])}
+        assert sizes <= {(False, (32, 32)), (True, (32, 32))} and (True, (32, 32)) in sizes, (split, sizes)
+
+
 def test_ood_ratio_and_all_of_an_ood_source(small_cifar100, image_tree, make_config):
     info = prepare_dataset(make_config("r", **lt(source_path=small_cifar100, ood_ratio=0.25, ood_test=0)))
     pool_id = sum(info["counts"]["unlabeled"])
@@ -310,3 +324,34 @@ def test_real_cifar10_subset_long_tailed_with_official_test(make_config):
     assert len(test["id"]) == 1017 and info["counts"]["test"] == np.bincount(official.labels, minlength=10).tolist()
     assert info["class_names"][:2] == ["airplane", "automobile"]
     assert info["shards"] == {s: -(-info["rows"][s] // 1024) for s in ("labeled", "unlabeled", "test")}
+
+
+def test_a_protocol_leaving_a_class_without_labeled_images_is_a_config_error(small_cifar100, make_config):
+    from loft_dist.errors import ConfigError
+
+    # N1 = 3 < gamma_l = 4: int(3 / 4) = 0 labeled images for the last class
+    assert protocol.long_tail_counts(3, 4, C)[-1] == 0
+    with pytest.raises(ConfigError, match=r"data.n1=3, data.gamma_l=4 leave 1 of 5 classes with no labeled image "
+                                          r"\(classes 4 'maple'\): raise data.n1 .*data.allow_empty_classes=true"):
+        prepare_dataset(make_config("e", **lt(source_path=small_cifar100, n1=3)))
+    info = prepare_dataset(make_config("ok", **lt(source_path=small_cifar100, n1=3, allow_empty_classes="true")))
+    assert info["counts"]["labeled"] == protocol.long_tail_counts(3, 4, C)
+
+
+def test_drop_classes_by_name(small_cifar100, make_config):
+    from loft_dist.errors import ConfigError
+
+    cfg = make_config("d", **lt(source_path=small_cifar100, drop_classes="[bear,dolphin]"))
+    info = prepare_dataset(cfg)
+    kept = ["apple", "cloud", "maple"]
+    assert info["class_names"] == kept
+    assert info["counts"]["labeled"] == protocol.long_tail_counts(12, 4, 3)
+    assert info["counts"]["test"] == [SMALL_TEST_PER_CLASS] * 3  # the official test batch, less the same classes
+    # every image keeps its own class: the source's label of the row it came from, by name
+    src = read_cifar(small_cifar100, split="train", variant="cifar100")
+    for split in ("labeled", "unlabeled"):
+        rows = read(cfg.data_root, split)
+        index = [int(s.rsplit(":", 1)[1]) for s in rows["source"]]
+        assert [src.class_names[src.labels[i]] for i in index] == [kept[t] for t in rows["true_label"]]
+    with pytest.raises(ConfigError, match=r"data.drop_classes names 'tiger', which is not a class of data.source_path="):
+        prepare_dataset(make_config("u", **lt(source_path=small_cifar100, drop_classes="[tiger]")))

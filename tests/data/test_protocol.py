@@ -5,13 +5,34 @@ from loft_dist.data.protocol import long_tail_counts, split_long_tailed, unlabel
 
 
 def test_long_tail_counts_match_hand_computed_values():
-    # n_c = floor(N1 * gamma^(-c/(C-1))): C=3, N1=100, gamma=100 → 100, floor(100/10)=10, floor(100/100)=1
+    # n_c = int(N1 * gamma^(-c/(C-1))): C=3, N1=100, gamma=100 → 100, floor(100/10)=10, floor(100/100)=1
     assert long_tail_counts(100, 100, 3) == [100, 10, 1]
     # C=5, N1=50, gamma=10: 50*10^(-k/4) for k=0..4 = 50, 28.11.., 15.81.., 8.89.., 5 → 50, 28, 15, 8, 5
     assert long_tail_counts(50, 10, 5) == [50, 28, 15, 8, 5]
     # CIFAR-100-LT N1=50, gamma=10: first 50, last floor(50/10)=5, monotone non-increasing
     c = long_tail_counts(50, 10, 100)
     assert c[0] == 50 and c[-1] == 5 and all(a >= b for a, b in zip(c, c[1:]))
+
+
+def _released_make_imb_data(max_num, class_num, gamma):
+    """The released code's function (DARP/ACR's make_imb_data), line for line."""
+    mu = np.power(1 / gamma, 1 / (class_num - 1))
+    class_num_list = []
+    for i in range(class_num):
+        if i == (class_num - 1):
+            class_num_list.append(int(max_num / gamma))
+        else:
+            class_num_list.append(int(max_num * np.power(mu, i)))
+    return list(class_num_list)
+
+
+def test_long_tail_counts_truncate_as_the_released_code_does():
+    # float error truncated, not rounded away: 50 * 8^(-33/99) is 24.999… in the released code's arithmetic
+    assert long_tail_counts(50, 8, 100)[33] == 24
+    for n1 in (1, 4, 50, 150, 500, 1500):
+        for gamma in (1, 2, 8, 10, 15, 20, 50, 100, 150):
+            for c in (2, 3, 10, 100, 127):
+                assert long_tail_counts(n1, gamma, c) == _released_make_imb_data(n1, c, gamma), (n1, gamma, c)
 
 
 def test_unlabeled_profiles():

@@ -42,9 +42,9 @@ def test_batched_view_equals_torchvision_per_image(view):
     assert np.array_equal(got, want.numpy())
 
 
-def test_strong_view_cuts_out_one_mean_coloured_patch_per_image():
+def test_torchvision_strong_view_cuts_out_one_mean_coloured_patch_per_image():
     torch.manual_seed(0)
-    x = torch.from_numpy(build_view("strong", SIZE, hflip=True).batch(_images(16)))
+    x = torch.from_numpy(build_view("strong", SIZE, hflip=True, strong_aug="torchvision").batch(_images(16)))
     # A normalized 8-bit pixel is never exactly 0 (the CLIP mean is not a multiple of 1/255): zeros are the patch.
     zero = (x == 0).all(dim=1).flatten(1).float().mean(1)
     assert ((zero >= 0.01) & (zero <= 0.16)).all(), zero  # RandomErasing scale (0.02, 0.15), rounded to pixels

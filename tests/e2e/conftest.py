@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from e2e_lib import EPOCHS, LR, mlflow_env
+from e2e_lib import EPOCHS, LR, MICRO, mlflow_env
 
 
 @pytest.fixture(scope="session")
@@ -23,14 +23,15 @@ def mlflow_uri(tmp_path_factory) -> str | None:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, ray_session, mlflow_uri):
-    """The tiny config, 2 rounds of EPOCHS epochs at LR, logging into `mlflow_uri`: (cfg, run_dir, summary)."""
+    """The tiny config, 2 rounds of EPOCHS epochs at LR and micro batch MICRO, logging into `mlflow_uri`:
+    (cfg, run_dir, summary)."""
     from loft_dist.config import load_config
     from loft_dist.rounds import run
 
     root = tmp_path_factory.mktemp("runs")
     cfg = load_config("configs/tiny.yaml", [
         f"run.storage_path={root}", "run.name=e2e", f"train.epochs_per_round={EPOCHS}", f"train.lr={LR}",
-        "rounds.num_rounds=2"])
+        f"train.micro_batch_size={MICRO}", "rounds.num_rounds=2"])
     with mlflow_env(mlflow_uri):
         summary = run(cfg)
     return SimpleNamespace(cfg=cfg, run_dir=Path(cfg.run_dir).resolve(), summary=summary)

@@ -1,8 +1,12 @@
-"""`loft-dist run` with everything of a run in one place, on a local disk and in s3:// (a real S3 API server, the
-endpoint from run.s3_endpoint): the dataset (data.root defaults to <run dir>/data), the run dir, Ray Train's
+"""`loft-dist run` with everything of a run in s3:// (a real S3 API server, the endpoint from run.s3_endpoint): the
+dataset (data.root defaults to <run dir>/data), the run dir, Ray Train's
 storage. While a first driver runs, a second one on the same run exits 2 naming the first and changes nothing; the
 first is then SIGKILLed mid-run, and running the same command again takes its lease over and finishes with every
-table holding each id exactly once, no staging, work or lease object left behind."""
+table holding each id exactly once, no staging, work or lease object left behind.
+
+On a local disk the same guarantees are tested without a second full run: the lease's refusal and takeover in
+tests/test_lease.py (both stores), a killed driver's takeover and exactly-once tables in
+tests/faults/test_kill_driver.py."""
 
 from __future__ import annotations
 
@@ -48,15 +52,10 @@ def _completed(lay: RunLayout) -> list[str]:
         return []
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_second_driver_is_refused_and_a_killed_driver_is_taken_over(where, tmp_path, request):
-    server, extra = None, []
-    if where == "s3":  # first: the server's fixture puts the credentials into this process's environment
-        server = request.getfixturevalue("s3_server")
-        storage_path = f"s3://{server.bucket()}/runs"
-        extra = [f"run.s3_endpoint={server.endpoint}"]
-    else:
-        storage_path = str(tmp_path / "runs")
+def test_second_driver_is_refused_and_a_killed_driver_is_taken_over(tmp_path, s3_server):
+    server = s3_server  # requested first: its fixture puts the credentials into this process's environment
+    storage_path = f"s3://{server.bucket()}/runs"
+    extra = [f"run.s3_endpoint={server.endpoint}"]
     env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL_S3"}  # run.s3_endpoint must be enough
     env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "loft_dist.cli", "run", str(REPO / "configs" / "tiny.yaml"),
@@ -104,5 +103,4 @@ def test_second_driver_is_refused_and_a_killed_driver_is_taken_over(where, tmp_p
     names = list(_snapshot(lay.root, server))
     left = [n for n in names if ".tmp-" in n or ".work" in n or n.endswith("lease.json")]
     assert left == [], f"left behind: {left[:10]}"
-    if server:
-        assert not (tmp_path / "runs").exists()  # nothing of the run went to the local disk instead
+    assert not (tmp_path / "runs").exists()  # nothing of the run went to the local disk instead

@@ -87,6 +87,7 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, ray
     outcome = _drive(cmd, env, logs[1], kill_when=training_checkpointed)
     assert outcome == "killed", f"{outcome} before round 1 reported a checkpoint:\n{logs[1].read_text()[-3000:]}"
     assert "resuming after r0.eval" in logs[1].read_text()
+    assert "took over the lease" in logs[1].read_text()  # the killed driver's lease (its pid is gone)
     assert completed(run_dir) == PHASES[:4]
     epochs_before = registered_epochs(trial)
     assert max(epochs_before) < EPOCHS - 1, f"killed after the last epoch ({epochs_before}): nothing was tested"

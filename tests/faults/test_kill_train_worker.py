@@ -57,7 +57,7 @@ def test_kill_one_train_worker_mid_round(tmp_path, prepared_root, ray_session):
     run_dir = Path(cfg.run_dir).resolve()
     info = read_dataset_info(prepared_root)
     classes, counts = info["class_names"], info["counts"]["labeled"]
-    ds, _ = training_dataset(prepared_root, cfg, len(classes), None)
+    ds = training_dataset(prepared_root, cfg, len(classes))
     trial = run_dir / "ray_train" / "r1"
     earlier = {a["ActorID"] for a in session_actors("RayTrainWorker", state=None)}
     killed: dict = {}
@@ -101,7 +101,7 @@ def test_kill_one_train_worker_mid_round(tmp_path, prepared_root, ray_session):
     # The same round without a kill, and the init both started from: the kill must not have moved the result.
     ref_cfg = fault_config(tmp_path, prepared_root, "reference", *OVERRIDES)
     ref_dir = Path(ref_cfg.run_dir).resolve()
-    _fit(ref_cfg, ref_dir, training_dataset(prepared_root, ref_cfg, len(classes), None)[0], classes, counts)
+    _fit(ref_cfg, ref_dir, training_dataset(prepared_root, ref_cfg, len(classes)), classes, counts)
     save_model(load_model(ref_cfg, classes, None), tmp_path / "init")
     got, ref, init = _weights(final), _weights(ref_dir / "rounds" / "r1" / "checkpoint"), _weights(tmp_path / "init")
     assert got.keys() == ref.keys() == init.keys()

@@ -1,6 +1,6 @@
 """Safety properties of the package itself: nothing it reads is unpickled unless restricted, and a local Ray it
-starts does not expose its dashboard beyond this machine. (Secrets: tests/faults/test_kill_driver.py and
-tests/cluster/test_job_submit.py run with a fake AWS_SECRET_ACCESS_KEY and search the run dir for it.)"""
+starts does not expose its dashboard beyond this machine. (Secrets: tests/faults/test_kill_driver.py runs with a fake
+AWS_SECRET_ACCESS_KEY and searches the run dir for it; tests/cluster/test_readme_dry_run.py does so for the token.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 import pytest
 
 from loft_dist.config import load_config
-from loft_dist.train.deepspeed_config import deepspeed_config, grad_accum_steps
+from loft_dist.errors import ConfigError
+from loft_dist.train.deepspeed_config import deepspeed_config
 from loft_dist.train.loop import cosine_lr
 
 
@@ -26,13 +27,50 @@ def test_global_batch_scales_with_workers_by_default_and_is_kept_fixed_on_reques
     t = load_config(None, ["train.num_workers=4", "train.micro_batch_size=8", "train.grad_accum=2"]).train
     assert deepspeed_config(t)["train_batch_size"] == 4 * 8 * 2
     fixed = load_config(None, ["train.num_workers=4", "train.micro_batch_size=8", "train.global_batch_size=128"]).train
-    assert grad_accum_steps(fixed) == 4 and deepspeed_config(fixed)["train_batch_size"] == 128
+    assert fixed.batch_plan() == (8, 4) and deepspeed_config(fixed)["train_batch_size"] == 128
     fewer = load_config(None, ["train.num_workers=2", "train.micro_batch_size=8", "train.global_batch_size=128"]).train
-    assert grad_accum_steps(fewer) == 8  # half the workers → twice the accumulation, same global batch
+    assert fewer.batch_plan() == (8, 8)  # half the workers → twice the accumulation, same global batch
+    # micro_batch_size is a cap: 4 workers of a global 16 take 4 rows each
+    small = load_config(None, ["train.num_workers=4", "train.micro_batch_size=16", "train.global_batch_size=16"]).train
+    assert small.batch_plan() == (4, 1) and deepspeed_config(small)["train_batch_size"] == 16
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=16 is not allowed: 0 or a multiple of "
+                                          r"train.num_workers \(3\)"):
+        load_config(None, ["train.num_workers=3", "train.global_batch_size=16"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=3 is not allowed: a divisor of the 8 rows"):
+        load_config(None, ["train.num_workers=2", "train.micro_batch_size=3", "train.global_batch_size=16"])
+
+
+PAPER_CONFIGS = {"configs/cifar100_lt_loft.yaml": [], "configs/cifar100_lt_ulfine.yaml": [],
+                 "configs/cifar100_lt_ow.yaml": ["data.ood_path=/ood"],
+                 "configs/imagenet127_1pct_ow.yaml": ["data.ood_path=/ood", "data.test_path=/val"]}
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+@pytest.mark.parametrize("path", sorted(PAPER_CONFIGS))
+def test_paper_configs_train_batch_16_for_10000_steps_on_any_worker_count(path, workers):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(str(root / path), [f"train.num_workers={workers}", "data.source_path=/src", *PAPER_CONFIGS[path]])
+    ds = deepspeed_config(cfg.train)
+    assert ds["train_batch_size"] == 16 and cfg.algorithm.mu == 7  # SPEC A.0.2: B = 16, mu B = 112 pool rows
+    micro, accum = cfg.train.batch_plan()
+    assert workers * micro * accum == 16
+    # 10,000 optimizer steps across the rounds, the cosine schedule stepped every 100
+    epochs = cfg.train.epochs_per_round_for(cfg.rounds.num_rounds)
+    assert cfg.rounds.num_rounds * epochs * cfg.train.steps_per_epoch == 10_000 and cfg.train.steps_per_epoch == 100
+
+
+def test_max_steps_must_split_into_whole_epochs_per_round():
+    with pytest.raises(ConfigError, match=r"train.max_steps=1000 is not allowed: 0 or a multiple of rounds.num_rounds "
+                                          r"x train.steps_per_epoch \(3 x 100\)"):
+        load_config(None, ["train.max_steps=1000", "rounds.num_rounds=3"])
+    t = load_config(None, ["train.max_steps=600", "rounds.num_rounds=3"]).train
+    assert t.epochs_per_round_for(3) == 2
 
 
 def test_zero_stage_precision_and_clipping_reach_deepspeed():
-    t = load_config(None, ["train.zero_stage=3", "train.grad_clip=1.0", "train.use_gpu=true",
+    t = load_config(None, ["train.zero_stage=3", "peft.method=adaptformer", "train.grad_clip=1.0", "train.use_gpu=true",
                            "train.precision=bf16"]).train
     ds = deepspeed_config(t)
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0

@@ -46,7 +46,7 @@ def _fit(root, workers: int, zero: int, micro: int, *extra: str) -> list[float]:
         "train.preserve_order=true", "train.lr=0.05", *extra])
     info = read_dataset_info(cfg.data_root)
     counts = info["counts"]["labeled"]
-    ds, _ = training_dataset(cfg.data_root, cfg, len(counts), None)
+    ds = training_dataset(cfg.data_root, cfg, len(counts))
     out = root / f"ckpt-w{workers}z{zero}"
     metrics = fit_round(cfg, ds, class_names=info["class_names"], prior=[c / sum(counts) for c in counts],
                         init_checkpoint=None, round_idx=1, out_dir=str(out),
