@@ -313,6 +313,9 @@ class ScoringConfig:
     checkpoint: str = ""  # `loft-dist score`: the checkpoint dir that scores the pool ("" = zero-shot)
     input: str = ""  # `loft-dist score`: a dir of Parquet image shards, or an image folder
     output: str = ""  # `loft-dist score`: the table dir to write (resumable)
+    # `loft-dist score` without a checkpoint: the zero-shot classes, as a list or a text file of one name per line
+    # ("" / []: the class names of data.root's dataset.json)
+    class_names: Any = None
     view: str = setting("clean", choices=("clean", "weak"))  # the teacher's view of the pool
     probs_topk: int = 0  # 0 = keep the full distribution; k > 0 keeps the renormalised top-k
 
@@ -322,6 +325,13 @@ class ScoringConfig:
               f">= scoring.min_actors ({s.min_actors})")
         _need(s.precision == "fp32" or s.gpus_per_actor > 0, "scoring.precision", s.precision,
               "fp32 without a GPU (bf16/fp16 need scoring.gpus_per_actor > 0)")
+        names = s.class_names
+        _need(names is None or isinstance(names, str) or (isinstance(names, list) and len(names) >= 2
+                                                          and all(isinstance(n, str) and n for n in names)),
+              "scoring.class_names", names, "a list of at least 2 class names, or the path of a text file of one "
+                                            "name per line")
+        _need(not names or not s.checkpoint, "scoring.class_names", names,
+              "only for zero-shot scoring: a checkpoint brings its own classes (drop scoring.checkpoint or this)")
 
 
 @dataclass

@@ -254,24 +254,14 @@ def engine_step(engine, b: dict, prior, cfg):
     return step
 
 
-class _Shard:
-    """Stands in for a Ray Train dataset shard: the same micro batch of CPU tensors (as Ray Data hands them over)."""
-
-    def __init__(self, batch: dict, steps: int):
-        self.batch, self.steps = batch, steps
-
-    def iter_torch_batches(self, **_):
-        return iter([self.batch] * self.steps)
-
-
 def loop_epoch(engine, b: dict, prior, cfg, steps: int) -> dict:
     """train/loop.py's own epoch function (_train_epoch) over `steps` copies of the batch, as CPU tensors: the engine
     step plus what the loop adds per step (host → device copies, its per-step counts); timed by the loop itself."""
     from loft_dist.train.loop import _train_epoch
 
-    cpu = {k: v.cpu() for k, v in b.items()}
-    _train_epoch(engine, _Shard(cpu, 2), None, cfg, prior)  # warm-up
-    sums = _train_epoch(engine, _Shard(cpu, steps), None, cfg, prior)
+    cpu = {k: v.cpu() for k, v in b.items()}  # the same micro batch of CPU tensors, as Ray Data hands them over
+    _train_epoch(engine, [cpu] * 2, None, cfg, prior)  # warm-up
+    sums = _train_epoch(engine, [cpu] * steps, None, cfg, prior)
     return {"s_per_iter": sums["compute_s"] / sums["steps"], "iters": int(sums["steps"]),
             "data_wait_s": sums["data_wait_s"] / sums["steps"]}
 

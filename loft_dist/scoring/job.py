@@ -250,6 +250,21 @@ def run_score_job(cfg) -> int:
                             checkpoint=str(Path(s.checkpoint).resolve()) if s.checkpoint else None, label="pool")
 
 
+def _configured_class_names(names) -> list[str]:
+    """scoring.class_names: a list, or a text file of one name per line (blank lines and surrounding space ignored)."""
+    if isinstance(names, str):
+        if not storage.is_file(names):
+            raise ConfigError(f"scoring.class_names={names}: no such file; give a text file of one class name per "
+                              f"line, or a list (scoring.class_names=[cat,dog,...])")
+        names = [n.strip() for n in storage.read_text(names).splitlines() if n.strip()]
+    names = [str(n) for n in names]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if len(names) < 2 or dup:
+        raise ConfigError(f"scoring.class_names: {len(names)} names{f', repeated: {dup[:3]}' if dup else ''}; "
+                          f"zero-shot scoring needs at least 2 distinct class names")
+    return names
+
+
 def _class_names(cfg, checkpoint: str) -> list[str]:
     from loft_dist.data.store import read_dataset_info
     from loft_dist.models.checkpoint import STATE_FILE, head_classes
@@ -266,6 +281,8 @@ def _class_names(cfg, checkpoint: str) -> list[str]:
                                f"is corrupt or was copied incompletely; copy it again from its run dir") from e
         if names:
             return names
+    elif cfg.scoring.class_names:
+        return _configured_class_names(cfg.scoring.class_names)
     names = read_dataset_info(cfg.data_root)["class_names"]
     n = head_classes(checkpoint) if checkpoint else len(names)
     if n != len(names):

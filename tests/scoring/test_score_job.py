@@ -129,3 +129,31 @@ def test_killed_scoring_job_resumes_without_duplicate_or_missing_id(tmp_path, ra
     kept = {f.name: f.stat().st_mtime_ns for f in out.glob("chunk-*.parquet") if f.name in first}
     assert kept == first, "a chunk committed before the kill must not be scored again"
     assert not work.exists()
+
+
+def test_zero_shot_labels_an_image_folder_with_class_names_from_the_config(tmp_path, ray_session):
+    """No prepared dataset, no checkpoint: the classes come from scoring.class_names, as a list or a file."""
+    from loft_dist.data.pseudo_labels import read_columns, table_rows
+
+    folder = tmp_path / "raw"
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        (folder / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"d{i % 3}" / f"{i}.png")
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\n\n  dog \nbird\nfish\n")
+    for k, given in enumerate(("[cat,dog,bird,fish]", str(names))):
+        out = tmp_path / f"labels{k}"
+        cfg = load_config(None, [f"data.root={tmp_path / 'no_dataset'}", f"scoring.input={folder}",
+                                 f"scoring.output={out}", f"scoring.class_names={given}"])
+        assert run_score_job(cfg) == 40 == table_rows(out)
+        pred = read_columns(out, ["pred"])["pred"]
+        assert set(pred.tolist()) <= {0, 1, 2, 3} and len(pred) == 40
+    from loft_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="only for zero-shot scoring"):
+        load_config(None, ["scoring.class_names=[a,b]", "scoring.checkpoint=/ckpt"])
+    (tmp_path / "one.txt").write_text("cat\ncat\n")
+    with pytest.raises(ConfigError, match=r"repeated: \['cat'\]"):
+        run_score_job(load_config(None, [f"scoring.input={folder}", f"scoring.output={tmp_path / 'x'}",
+                                         f"scoring.class_names={tmp_path / 'one.txt'}"]))
