@@ -22,12 +22,12 @@ def model_source(model_dir: str) -> tuple[dict, list[str]]:
     """(config sections of the model, its class names) from an export (export.json) or a run's checkpoint dir
     (train_state.json + the run's config.yaml, three levels up: RUN/rounds/rK/checkpoint)."""
     from loft_dist.data.store import load_run_config
-    from loft_dist.export import EXPORT_FILE
+    from loft_dist.export import EXPORT_FILE, read_export_meta
     from loft_dist.models.checkpoint import STATE_FILE
 
     d = Path(model_dir)
     if (d / EXPORT_FILE).is_file():
-        meta = json.loads((d / EXPORT_FILE).read_text())
+        meta = read_export_meta(d)
         sections = {k: meta[k] for k in ("model", "peft", "algorithm")}
         sections["data"] = {"image_size": meta["image_size"]}
         return sections, meta["class_names"]
@@ -88,22 +88,18 @@ def write_evaluation(cfg, out: str, model_dir: str, dataset: str, split: str, na
     """metrics.json and the figures of the scored predictions in `out` (reads outputs only)."""
     import tempfile
 
-    from loft_dist.data.pseudo_labels import is_complete, read_columns
+    from loft_dist.data.pseudo_labels import read_columns
     from loft_dist.eval import plots
-    from loft_dist.eval.evaluate import PREDICTION_COLUMNS
-    from loft_dist.eval.metrics import classification_metrics, ood_metrics
+    from loft_dist.eval.evaluate import prediction_metrics
     from loft_dist.eval.report import class_groups
 
-    p = read_columns(storage.join(out, "predictions", split), PREDICTION_COLUMNS)
-    ok = (p["error"] == "") & (p["true_label"] >= 0)
-    e = cfg.eval
-    m = {"model": str(model_dir), "dataset": str(dataset), "split": split, "unreadable_rows": int((p["error"] != "").sum()),
-         split: classification_metrics(p["true_label"][ok], p["pred"][ok], p["msp"][ok], labeled_counts,
-                                       e.many_threshold, e.few_threshold, e.ece_bins)}
-    ood = storage.join(out, "predictions", "ood_test")
-    if split == "test" and is_complete(ood):
-        o = read_columns(ood, PREDICTION_COLUMNS)
-        m["ood_test"] = ood_metrics(p["msp"][ok], o["msp"][o["error"] == ""])
+    table = storage.join(out, "predictions", split)
+    metrics, ood = prediction_metrics(cfg, table, labeled_counts,
+                                      storage.join(out, "predictions", "ood_test") if split == "test" else None)
+    unread = int((read_columns(table, ["error"])["error"] != "").sum())
+    m = {"model": str(model_dir), "dataset": str(dataset), "split": split, "unreadable_rows": unread, split: metrics}
+    if ood is not None:
+        m["ood_test"] = ood
     with tempfile.TemporaryDirectory() as tmp:  # figures are drawn locally, then copied (out may be s3://)
         t = m[split]
         figures = [plots.per_class_accuracy(Path(tmp, "per_class_accuracy.png"), names, t["per_class_accuracy"],

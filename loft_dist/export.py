@@ -255,11 +255,8 @@ def model_card(meta: dict, cfg: dict, info: dict | None) -> str:
 # --------------------------------------------------------------------------------------------
 # predict
 # --------------------------------------------------------------------------------------------
-def load_export(export_dir: str | Path, device: str = "cpu"):
-    """(the method's model in eval mode on `device`, export.json dict); no Ray, no run dir."""
-    from loft_dist.algorithms import load_model
-    from loft_dist.config import from_dict
-
+def read_export_meta(export_dir: str | Path) -> dict:
+    """export.json of an export, checked to be one this loft_dist reads."""
     d = Path(export_dir)
     meta_path = d / EXPORT_FILE
     if not meta_path.is_file():
@@ -269,8 +266,17 @@ def load_export(export_dir: str | Path, device: str = "cpu"):
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise WeightsError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}; this loft_dist "
                          f"reads {FORMAT!r} up to v{FORMAT_VERSION}")
+    return meta
+
+
+def load_export(export_dir: str | Path, device: str = "cpu"):
+    """(the method's model in eval mode on `device`, export.json dict); no Ray, no run dir."""
+    from loft_dist.algorithms import load_model
+    from loft_dist.config import from_dict
+
+    meta = read_export_meta(export_dir)
     cfg = from_dict({k: meta[k] for k in ("model", "peft", "algorithm")})
-    model = load_model(cfg, meta["class_names"], d).to(device).eval()
+    model = load_model(cfg, meta["class_names"], Path(export_dir)).to(device).eval()
     return model, meta
 
 

@@ -14,24 +14,32 @@ from loft_dist.eval.metrics import classification_metrics, ood_metrics, pseudo_l
 PREDICTION_COLUMNS = ["true_label", "pred", "msp", "error"]
 
 
+def prediction_metrics(cfg, table: str, labeled_counts: list[int], ood_table: str | None = None) -> tuple[dict, dict]:
+    """(classification metrics of a scored split's readable ID rows, OOD metrics against ood_table's rows or None);
+    what a round's evaluation and `loft-dist evaluate` both report."""
+    p = read_columns(table, PREDICTION_COLUMNS)
+    ok = (p["error"] == "") & (p["true_label"] >= 0)
+    e = cfg.eval
+    metrics = classification_metrics(p["true_label"][ok], p["pred"][ok], p["msp"][ok], labeled_counts,
+                                     e.many_threshold, e.few_threshold, e.ece_bins)
+    if ood_table is None or not is_complete(ood_table):
+        return metrics, None
+    o = read_columns(ood_table, PREDICTION_COLUMNS)
+    return metrics, ood_metrics(p["msp"][ok], o["msp"][o["error"] == ""])
+
+
 def evaluate_round(cfg, layout: storage.RunLayout, round_idx: int, *, classes: list[str], labeled_counts: list[int],
                    mode: str) -> dict:
     """The round's predictions of test (required) and ood_test (when scored) → its metrics.json."""
     r = round_idx
-    preds = {split: read_columns(layout.predictions(r, split), PREDICTION_COLUMNS)
-             for split in ("test", "ood_test") if split == "test" or is_complete(layout.predictions(r, split))}
-    t = preds["test"]
-    ok = t["error"] == ""
-    e = cfg.eval
+    test, ood = prediction_metrics(cfg, layout.predictions(r, "test"), labeled_counts, layout.predictions(r, "ood_test"))
     metrics = {
         "round": round_idx,
         "model": "zero-shot CLIP" if mode == "zero_shot" else f"checkpoint of round {round_idx}",
-        "test": classification_metrics(t["true_label"][ok], t["pred"][ok], t["msp"][ok], labeled_counts,
-                                       e.many_threshold, e.few_threshold, e.ece_bins),
+        "test": test,
     }
-    if "ood_test" in preds:
-        o = preds["ood_test"]
-        metrics["ood_test"] = ood_metrics(t["msp"][ok], o["msp"][o["error"] == ""])
+    if ood is not None:
+        metrics["ood_test"] = ood
     table = layout.pseudo_labels(r)
     if is_complete(table):
         pl = read_columns(table, ["decision", "pred", "true_label", "msp", "zs_msp"])
