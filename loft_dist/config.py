@@ -52,8 +52,8 @@ def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
 # --------------------------------------------------------------------------------------------
 # the methods behind algorithm.name: which values a name implies (the code of each is in loft_dist/algorithms)
 # --------------------------------------------------------------------------------------------
-ADAPTERS = ("lora", "adaptformer", "vpt", "bitfit", "ln")
-STRONG_AUGS = ("randaugment_mc", "torchvision")  # data.strong_aug: FixMatch's RandAugmentMC, or torchvision's  # peft.method values that add a light adapter
+ADAPTERS = ("lora", "adaptformer", "vpt", "bitfit", "ln")  # peft.method values that add a light adapter
+STRONG_AUGS = ("randaugment_mc", "torchvision")  # data.strong_aug: FixMatch's RandAugmentMC, or torchvision's
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ class AlgorithmConfig:
     soft_weight: str = setting("one", choices=("one", "msp"))  # SPEC decision 1
     # Pool rows per labeled row in a step, offline and online (SPEC A.0.2: 7, what the paper configs set). 2 here: the
     # tiny run's random-weight teacher labels noise, and 7 noisy rows per labeled one drowned the labeled signal
-    # (round-1 test accuracy at chance, BENCHMARKS.md "Methods on the embedded data").
+    # (round-1 test accuracy at chance, BENCHMARKS.md "The step protocol on the tiny run").
     mu: int = setting(2, ge=1, hint="an integer >= 1 (pool rows per labeled row in a step)")
     zs_filter: bool = False  # stage-1 zero-shot filter of the pool (LoFT-OW)
     zs_threshold: float = setting(0.6, **_PROBABILITY)
@@ -314,7 +314,7 @@ class ScoringConfig:
     input: str = ""  # `loft-dist score`: a dir of Parquet image shards, or an image folder
     output: str = ""  # `loft-dist score`: the table dir to write (resumable)
     # `loft-dist score` without a checkpoint: the zero-shot classes, as a list or a text file of one name per line
-    # ("" / []: the class names of data.root's dataset.json)
+    # (unset: the class names of data.root's dataset.json)
     class_names: Any = None
     view: str = setting("clean", choices=("clean", "weak"))  # the teacher's view of the pool
     probs_topk: int = 0  # 0 = keep the full distribution; k > 0 keeps the renormalised top-k

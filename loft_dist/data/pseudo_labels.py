@@ -222,7 +222,7 @@ def round_datasets(data_root: str, cfg, num_classes: int, pl_table: str | None, 
 
     pl_table None: the method trains on labeled rows only. Online mode (algorithm.mode) reads the pool itself and
     pseudo-labels it at every step, less the rows outside kept_ids; offline mode streams the round's table."""
-    mu_b = f"{cfg.algorithm.mu} x {cfg.train.micro_batch_size} pool rows per step"
+    mu_b = f"{cfg.algorithm.mu} x {cfg.train.batch_plan()[0]} pool rows per step"
     if cfg.algorithm.mode == "online":
         ds, n_pool = online_datasets(data_root, cfg, num_classes, zs_table, kept_ids)
         return ds, (f"labeled rows + {n_pool} pool rows pseudo-labeled at every step (online, {mu_b})" if n_pool else
