@@ -35,7 +35,7 @@ def made(tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from loft_dist.algorithms import load_model, save_model
+    from loft_dist.algorithms import load_model, method_of
     from loft_dist.config import load_config, to_yaml
     from loft_dist.data.prepare import prepare_dataset
 
@@ -44,11 +44,11 @@ def made(tmp_path_factory) -> Path:
     prepare_dataset(load_config(TINY, DATA + EMPTY_POOL + [f"data.root={t / 'empty_pool'}"]))
     cfg = load_config(TINY, DATA)
     for name, classes in (("ckpt", [f"c{i}" for i in range(10)]), ("ckpt3", ["a", "b", "c"])):
-        save_model(load_model(cfg, classes, None), t / name, {"epoch": 0, "class_names": classes})
+        method_of(cfg.algorithm).save(load_model(cfg, classes, None), t / name, {"epoch": 0, "class_names": classes})
     (t / "ckpt3" / "train_state.json").write_text(json.dumps({"epoch": 0}))  # as old checkpoints: no class names
     classes = [f"c{i}" for i in range(10)]
-    save_model(load_model(load_config(TINY, DATA + ["algorithm.name=ulfine"]), classes, None), t / "ulfine",
-               {"epoch": 0, "class_names": classes})
+    ulfine = load_config(TINY, DATA + ["algorithm.name=ulfine"])
+    method_of(ulfine.algorithm).save(load_model(ulfine, classes, None), t / "ulfine", {"epoch": 0, "class_names": classes})
     shutil.copytree(t / "ckpt", t / "corrupt")
     (t / "corrupt" / "head.safetensors").write_bytes(b"\x13garbage" * 64)
 

@@ -211,8 +211,8 @@ def test_export_errors_name_the_problem(tmp_path, cfg, capsys):
 
 def test_a_ulfine_export_predicts_with_the_fused_logits(tmp_path, capsys):
     """The method's own model and test logits (ULFine: linear head + dual logit fusion), as the evaluation scored."""
-    from loft_dist.algorithms import inference_logits, save_model
-    from loft_dist.algorithms.ulfine import ULFineClassifier
+    from loft_dist.algorithms import inference_logits, method_of
+    from loft_dist.models.ulfine import ULFineClassifier
 
     cfg = load_config(None, ["run.name=exp", "algorithm.name=ulfine"])
     model = ULFineClassifier(trained_like(cfg, seed=3))
@@ -220,7 +220,7 @@ def test_a_ulfine_export_predicts_with_the_fused_logits(tmp_path, capsys):
         model.linear.weight.normal_(0, 1, generator=torch.Generator().manual_seed(4))
     model.eval()
     run = tmp_path / "exp"
-    make_run(run, cfg, {1: model}, save=save_model)
+    make_run(run, cfg, {1: model}, save=method_of(cfg.algorithm).save)
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
     shutil.rmtree(run)

@@ -33,3 +33,32 @@ def test_an_import_across_a_layer_breaks_the_contract(tmp_path):
     done = _lint(tmp_path)
     assert done.returncode == 1, done.stdout[-3000:]
     assert "loft_dist.eval.metrics -> loft_dist.train.trainer" in done.stdout, done.stdout[-3000:]
+
+
+def _method_name_checks(package: Path) -> list[str]:
+    """Comparisons of a `.name` with a method's name (`acfg.name == "ulfine"`) anywhere but the registry's data."""
+    import ast
+
+    from loft_dist.config import METHODS
+
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "config.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr == "name"):
+                continue
+            names = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in METHODS]
+            if names:
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno} compares .name with {names}")
+    return found
+
+
+def test_code_asks_the_method_object_not_the_method_name(tmp_path):
+    """One protocol for methods: the registry looks the object up by algorithm.name; nothing else tests the name."""
+    assert _method_name_checks(ROOT / "loft_dist") == []
+    shutil.copytree(ROOT / "loft_dist", tmp_path / "loft_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    loop = tmp_path / "loft_dist" / "train" / "loop.py"
+    loop.write_text(loop.read_text() + '\n\ndef _special(a):\n    return a.name in ("ulfine", "fixmatch")\n')
+    assert _method_name_checks(tmp_path / "loft_dist") == [
+        "loft_dist/train/loop.py:" + str(len(loop.read_text().splitlines())) + " compares .name with ['ulfine', 'fixmatch']"]

@@ -216,8 +216,9 @@ def plain_step(model, b: dict, prior, cfg, in_dtype, precision: str):
     """One step of the plain torch loop: forward (autocast bf16, or bf16 weights), LoFT loss in fp32, SGD."""
     import torch
 
-    from loft_dist.algorithms import after_step, training_loss
+    from loft_dist.algorithms import method_of
 
+    method, a = method_of(cfg.algorithm), cfg.algorithm
     params = [q for q in model.parameters() if q.requires_grad]
     t = cfg.train
     opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -227,29 +228,30 @@ def plain_step(model, b: dict, prior, cfg, in_dtype, precision: str):
         with autocast(b["image"].device.type, precision):
             out = model(x)
         out = out.float()
-        loss, _ = training_loss(cfg.algorithm, out, b["code"], b["target"], b["weight"], b["soft"], prior)
+        loss, _ = method.loss(out, b["code"], b["target"], b["weight"], b["soft"], prior, a)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()
-        after_step(cfg.algorithm, model, out, b["code"], b["target"], b["soft"])
+        method.after_step(model, out, b["code"], b["target"], b["soft"], a)
 
     return step
 
 
 def engine_step(engine, b: dict, prior, cfg):
     """One step as train/loop.py's train_loop_per_worker runs it (offline mode), on a batch already on the device."""
-    from loft_dist.algorithms import after_step, training_loss
+    from loft_dist.algorithms import method_of
 
+    method, a = method_of(cfg.algorithm), cfg.algorithm
     x = b["image"]  # fp32: the engine autocasts (train.precision=bf16 → DeepSpeed's torch_autocast)
 
     def step():
         out = engine(x).float()
-        loss, _ = training_loss(cfg.algorithm, out, b["code"], b["target"], b["weight"], b["soft"], prior)
+        loss, _ = method.loss(out, b["code"], b["target"], b["weight"], b["soft"], prior, a)
         engine.backward(loss)
         engine.step()
-        after_step(cfg.algorithm, engine.module, out, b["code"], b["target"], b["soft"])
+        method.after_step(engine.module, out, b["code"], b["target"], b["soft"], a)
 
     return step
 
@@ -257,11 +259,13 @@ def engine_step(engine, b: dict, prior, cfg):
 def loop_epoch(engine, b: dict, prior, cfg, steps: int) -> dict:
     """train/loop.py's own epoch function (_train_epoch) over `steps` copies of the batch, as CPU tensors: the engine
     step plus what the loop adds per step (host → device copies, its per-step counts); timed by the loop itself."""
+    from loft_dist.algorithms import method_of
     from loft_dist.train.loop import _train_epoch
 
+    method = method_of(cfg.algorithm)
     cpu = {k: v.cpu() for k, v in b.items()}  # the same micro batch of CPU tensors, as Ray Data hands them over
-    _train_epoch(engine, [cpu] * 2, None, cfg, prior)  # warm-up
-    sums = _train_epoch(engine, [cpu] * steps, None, cfg, prior)
+    _train_epoch(engine, method, [cpu] * 2, None, cfg, prior)  # warm-up
+    sums = _train_epoch(engine, method, [cpu] * steps, None, cfg, prior)
     return {"s_per_iter": sums["compute_s"] / sums["steps"], "iters": int(sums["steps"]),
             "data_wait_s": sums["data_wait_s"] / sums["steps"]}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from loft_dist.algorithms.base import ClassifierMethod
 from loft_dist.algorithms.loft import HARD, loft_loss, pseudo_label_decision
 
 
@@ -18,4 +19,5 @@ def fixmatch_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return (pseudo_label_decision(probs, threshold, threshold)["code"] == HARD).float()
 
 
-fixmatch_loss = loss = loft_loss
+fixmatch_loss = loft_loss
+METHOD = ClassifierMethod(loft_loss)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loft_dist.algorithms.base import ClassifierMethod
 from loft_dist.data.decisions import DECISIONS, HARD, LABELED, OOD, REJECTED, SOFT  # noqa: F401 - re-exported
 
 
@@ -82,4 +83,4 @@ def loft_loss(logits: torch.Tensor, code: torch.Tensor, target: torch.Tensor, we
                   "loss_soft": float(l_soft.detach())}
 
 
-loss = loft_loss  # the method's loss as the training loop calls it (algorithms.training_loss)
+METHOD = ClassifierMethod(loft_loss)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from loft_dist.algorithms.base import ClassifierMethod
 from loft_dist.algorithms.loft import LABELED, logit_adjusted_ce
 
 
@@ -20,4 +21,4 @@ def supervised_loss(logits: torch.Tensor, code: torch.Tensor, target: torch.Tens
     return loss, {"loss": value, "loss_s": value}
 
 
-loss = supervised_loss
+METHOD = ClassifierMethod(supervised_loss)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loft_dist.algorithms import after_step, load_model, logits_for, save_model, start_round, training_loss
+from loft_dist.algorithms import load_model, method_of
 from loft_dist.algorithms.loft import HARD, LABELED, SOFT, pseudo_label_decision
 from loft_dist.config import from_dict
 from loft_dist.data.decisions import IGNORED
@@ -89,14 +89,14 @@ def offline_batch(engine, labeled: dict, pool: dict, device):
     return out, code, target, weight, torch.cat([labeled["soft"].to(device), soft_targets(pool, C, device)])
 
 
-def online_batch(engine, acfg, labeled: dict, pool: dict, device):
+def online_batch(engine, method, acfg, labeled: dict, pool: dict, device):
     """One online step's outputs and targets: teacher on the weak view, student rows = labeled + strong view."""
     if pool is None:
         return offline_batch(engine, labeled, None, device)
     b, n = len(labeled["image"]), len(pool["image"])
     images = torch.cat([labeled["image"], pool["image_weak"], pool["image"]]).to(device)
     out = _float(engine(images))
-    teacher = logits_for(acfg, _rows(out, slice(b, b + n)), "pseudo_label").detach()
+    teacher = method.logits(_rows(out, slice(b, b + n)), "pseudo_label", acfg).detach()
     probs = torch.softmax(teacher / acfg.temperature, dim=-1)
     d = pseudo_label_decision(probs, acfg.c_hard, acfg.c_ood, acfg.soft_weight)
     ok = pool["ok"].to(device).bool()
@@ -148,7 +148,7 @@ def restore(checkpoint, engine, optimizer, params) -> tuple[int, dict, dict]:
     return saved["epoch"] + 1, saved.get("loss_by_epoch", {}), record
 
 
-def _train_epoch(engine, labeled, pool, cfg, prior) -> dict[str, float]:
+def _train_epoch(engine, method, labeled, pool, cfg, prior) -> dict[str, float]:
     """One epoch's labeled batches, each step beside mu x B pool rows when there is a pool; the sums of every loss
     part and count over its steps."""
     a, device = cfg.algorithm, engine.device
@@ -158,13 +158,13 @@ def _train_epoch(engine, labeled, pool, cfg, prior) -> dict[str, float]:
         t_start = time.perf_counter()
         pool_batch = next(pool) if pool is not None else None
         if a.mode == "online":
-            out, code, target, weight, soft = online_batch(engine, a, batch, pool_batch, device)
+            out, code, target, weight, soft = online_batch(engine, method, a, batch, pool_batch, device)
         else:
             out, code, target, weight, soft = offline_batch(engine, batch, pool_batch, device)
-        loss, parts = training_loss(a, out, code, target, weight, soft, prior)
+        loss, parts = method.loss(out, code, target, weight, soft, prior, a)
         engine.backward(loss)
         engine.step()
-        after_step(a, engine.module, out, code, target, soft)
+        method.after_step(engine.module, out, code, target, soft, a)
         t_done = time.perf_counter()  # step time vs data wait: what the benchmarks compare with a plain loop
         counts = {"steps": 1.0, "compute_s": t_done - t_start, "data_wait_s": t_start - t_ready,
                   "ignored_rows": float((code == IGNORED).sum()), "pool_rows": float((code != LABELED).sum()),
@@ -198,7 +198,7 @@ def _group_metrics(sums: dict[str, float], loss_by_epoch: dict, has_pool: bool, 
     return metrics
 
 
-def _report(engine, model, params, metrics: dict, state: dict) -> None:
+def _report(engine, method, model, params, metrics: dict, state: dict) -> None:
     """ray.train.report of an epoch with its checkpoint: every rank writes its DeepSpeed shard (optimizer state for
     exact resume), rank 0 the plain weights and train_state.json."""
     import deepspeed
@@ -208,7 +208,7 @@ def _report(engine, model, params, metrics: dict, state: dict) -> None:
         engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state", exclude_frozen_parameters=True)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if ray.train.get_context().get_world_rank() == 0:
-                save_model(model, tmp, state)
+                method.save(model, tmp, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -238,8 +238,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, worker_nodes = _join_group(cfg)
 
     # --- model, optimizer, engine
+    method = method_of(a)
     model = load_model(cfg, config["class_names"], config["init_checkpoint"]).train()
-    start_round(a, model, config.get("pool_stats"))
+    method.start_round(model, config.get("pool_stats"), a)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
@@ -275,11 +276,11 @@ def train_loop_per_worker(config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = itertools.islice(labeled, t.steps_per_epoch * accum) if labeled else _batches(shard, micro, t)
-        sums = _train_epoch(engine, batches, pool, cfg, prior)
+        sums = _train_epoch(engine, method, batches, pool, cfg, prior)
         metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
                    **_group_metrics(sums, loss_by_epoch, pool is not None, engine.device), "worker_nodes": worker_nodes}
         state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
-        _report(engine, model, params, metrics, {**state, "restored": restored} if restored else state)
+        _report(engine, method, model, params, metrics, {**state, "restored": restored} if restored else state)
         restored = None  # only the first checkpoint after a resume carries the record
         if tracker is not None:
             tracker.log_epoch(config["round_idx"], offset + epoch, metrics)

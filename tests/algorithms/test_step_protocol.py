@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from loft_dist.algorithms import training_loss
+from loft_dist.algorithms import method_of
 from loft_dist.algorithms.loft import HARD, LABELED, REJECTED, SOFT
 from loft_dist.config import load_config
 from loft_dist.train.loop import offline_batch, online_batch
@@ -41,7 +41,7 @@ def _loss(name: str, labeled: dict, pool: dict, *extra: str):
     a = load_config(None, [f"algorithm.name={name}", *extra]).algorithm
     out, code, target, weight, soft = offline_batch(_identity_engine, labeled, pool, "cpu")
     prior = torch.full((C,), 1.0 / C)
-    return training_loss(a, out, code, target, weight, soft, prior)[0].item(), a
+    return method_of(a).loss(out, code, target, weight, soft, prior, a)[0].item(), a
 
 
 def test_fixmatch_with_12_of_28_pool_rows_hard_divides_by_all_28():
@@ -105,11 +105,11 @@ def test_offline_and_online_steps_give_spec_loss_on_the_same_batch(name):
     # offline: the table's decisions (computed by the teacher earlier), the strong view in the stream
     codes = np.where(hard, HARD, np.where(soft, SOFT, REJECTED))
     off = offline_batch(_identity_engine, _labeled(zx, y), _offline_pool(zs, codes, p.argmax(-1), p), "cpu")
-    got_off = training_loss(a, *off, prior)[0].item()
+    got_off = method_of(a).loss(*off, prior, a)[0].item()
     # online: the same weak view decided inside the step
     pool = {"image_weak": zw, "image": zs, "ok": torch.ones(MU * B, dtype=torch.int8)}
-    on = online_batch(_identity_engine, a, _labeled(zx, y), pool, "cpu")
-    got_on = training_loss(a, *on, prior)[0].item()
+    on = online_batch(_identity_engine, method_of(a), a, _labeled(zx, y), pool, "cpu")
+    got_on = method_of(a).loss(*on, prior, a)[0].item()
     assert got_off == pytest.approx(want, rel=1e-5) and got_on == pytest.approx(want, rel=1e-5)
 
 

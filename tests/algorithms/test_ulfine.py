@@ -8,10 +8,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from loft_dist.algorithms import inference_logits, load_model, save_model
+from loft_dist.algorithms import inference_logits, load_model, method_of
 from loft_dist.algorithms.loft import HARD, LABELED, REJECTED, loft_loss
-from loft_dist.algorithms.ulfine import (ULFINE_FILE, after_step, fuse_logits, logits_for, orthogonality_loss,
-                                         paf_alpha, prototype_adaptive_fitting, ulfine_loss)
+from loft_dist.algorithms.ulfine import after_step, logits_for, paf_alpha, prototype_adaptive_fitting, ulfine_loss
+from loft_dist.models.ulfine import ULFINE_FILE, fuse_logits, orthogonality_loss
 from loft_dist.config import load_config
 
 
@@ -160,7 +160,7 @@ def test_checkpoint_round_trip_keeps_linear_head_and_paf_shift(tmp_path):
         model.linear.bias.normal_()
         model.paf_shift.normal_()
         model.clip.head.weight.add_(1.0)
-    save_model(model, tmp_path, {"epoch": 0})
+    method_of(full.algorithm).save(model, tmp_path, {"epoch": 0})
     assert (tmp_path / ULFINE_FILE).is_file() and (tmp_path / "head.safetensors").is_file()
     again = load_model(full, classes, str(tmp_path))
     x = torch.randn(3, 3, 32, 32)
@@ -170,6 +170,6 @@ def test_checkpoint_round_trip_keeps_linear_head_and_paf_shift(tmp_path):
                                   inference_logits(full.algorithm, again, x, purpose), atol=1e-5)
     # a checkpoint of another method has no linear head: say so
     loft = load_config(None, [])
-    save_model(load_model(loft, classes, None), tmp_path / "loft")
+    method_of(loft.algorithm).save(load_model(loft, classes, None), tmp_path / "loft")
     with pytest.raises(FileNotFoundError, match="algorithm.name=ulfine"):
         load_model(full, classes, str(tmp_path / "loft"))

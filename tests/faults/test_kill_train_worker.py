@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from faultlib import Watcher, fault_config, session_actors, sigkill
-from loft_dist.algorithms import load_model, save_model
+from loft_dist.algorithms import load_model, method_of
 from loft_dist.data.pseudo_labels import training_dataset
 from loft_dist.data.store import read_dataset_info
 from loft_dist.train.trainer import fit_round
@@ -102,7 +102,7 @@ def test_kill_one_train_worker_mid_round(tmp_path, prepared_root, ray_session):
     ref_cfg = fault_config(tmp_path, prepared_root, "reference", *OVERRIDES)
     ref_dir = Path(ref_cfg.run_dir).resolve()
     _fit(ref_cfg, ref_dir, training_dataset(prepared_root, ref_cfg, len(classes)), classes, counts)
-    save_model(load_model(ref_cfg, classes, None), tmp_path / "init")
+    method_of(ref_cfg.algorithm).save(load_model(ref_cfg, classes, None), tmp_path / "init")
     got, ref, init = _weights(final), _weights(ref_dir / "rounds" / "r1" / "checkpoint"), _weights(tmp_path / "init")
     assert got.keys() == ref.keys() == init.keys()
     effect = torch.sqrt(sum(((ref[k] - init[k]) ** 2).sum() for k in ref))

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from loft_dist.algorithms import inference_logits, load_model, save_model
+from loft_dist.algorithms import inference_logits, load_model, method_of
 from loft_dist.algorithms.loft import HARD, LABELED, REJECTED, SOFT
 from loft_dist.config import load_config
 from loft_dist.data.prepare import prepare_dataset
@@ -122,7 +122,7 @@ def world(tmp_path_factory):
             scale = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 1.0
             p.add_(0.5 * scale * torch.randn(p.shape, generator=g))
     ckpt = root / "teacher_ckpt"
-    save_model(model, ckpt, {"epoch": 0, "class_names": classes})
+    method_of(cfg.algorithm).save(model, ckpt, {"epoch": 0, "class_names": classes})
     teacher = load_model(cfg, classes, str(ckpt))  # what an actor loads
     xt = torch.from_numpy(x)
     perturbed = _logits(cfg, model.eval(), xt, "pseudo_label")
