@@ -2,7 +2,7 @@
 inference from that directory alone — no run dir, no dataset, no Ray.
 
 Export layout (the round's checkpoint without its DeepSpeed optimizer state, plus what rebuilds the model):
-    adapter/{adapter_config.json, adapter_model.safetensors}   the adapter (peft format for LoRA; none: absent)
+    adapter/{adapter_config.json, adapter_model.safetensors}   the adapter (peft format for LoRA and LN; none: absent)
     head.safetensors                                           cosine-head weights
     … any other weights the method saves (ULFine: its linear head), train_state.json
     export.json                                                class names, model / peft / algorithm config, …
@@ -186,7 +186,9 @@ def _tower(p: dict) -> str:
     if method == "lora":
         return (f"frozen, with a LoRA adapter (r={p.get('r')}, alpha={p.get('alpha')}, on "
                 f"{', '.join(p.get('target_modules') or [])})")
-    return f"frozen, with a `{method}` adapter"
+    if method == "ln":
+        return "frozen, with peft's LN tuning of the block LayerNorms"
+    return f"frozen, with a `{method}` adapter (loft_dist's layout, docs/weights.md)"
 
 
 def _method_summary(name) -> str:

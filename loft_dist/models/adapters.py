@@ -1,12 +1,14 @@
 """Parameter-efficient adapters on the image tower, behind one `apply_adapter(visual, peft_cfg)`, and their files.
 
-Methods (`peft.method`): lora (peft), adaptformer, vpt (deep), bitfit (block biases), ln (block LayerNorms),
-full (every tower weight), none (frozen tower: linear probing). `peft.layers` picks the blocks (None = all).
+Methods (`peft.method`): lora (peft's LoRA), ln (peft's LN tuning of the block LayerNorms), adaptformer,
+vpt (deep), bitfit (block biases), full (every tower weight), none (frozen tower: linear probing). `peft.layers`
+picks the blocks (None = all).
 
-Files under <checkpoint>/adapter/: lora keeps peft's own format (adapter_model.safetensors +
-adapter_config.json); the other methods store their trainable tensors (full: the whole tower state) under
-their `visual.state_dict()` names in adapter_model.safetensors, with our adapter_config.json (method +
-hyperparameters). `none` writes no adapter directory.
+Files under <checkpoint>/adapter/: the adapters peft has (lora, ln) keep peft's own format
+(adapter_model.safetensors + adapter_config.json, loadable with peft's PeftModel.from_pretrained on the open_clip
+tower); the others store their trainable tensors (full: the whole tower state) under their
+`visual.state_dict()` names in adapter_model.safetensors, with our adapter_config.json (format "loft_dist",
+method + hyperparameters; docs/weights.md). `none` writes no adapter directory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 METHODS = ("lora", "adaptformer", "vpt", "bitfit", "ln", "full", "none")
 FORMAT = "loft_dist"
+PEFT_METHODS = {"LORA": "lora", "LN_TUNING": "ln"}  # peft_type in peft's adapter_config.json -> peft.method
 
 
 @dataclass
@@ -60,6 +63,16 @@ def _apply(visual: nn.Module, peft_cfg, num_classes: Optional[int], blocks: nn.M
            layers: list[int]) -> nn.Module:
     method = peft_cfg.method
 
+    if method == "ln":
+        from peft import LNTuningConfig, get_peft_model
+
+        # Every LayerNorm inside the chosen blocks, by its full name (peft matches a list entry exactly).
+        targets = [f"transformer.resblocks.{i}.{m}" for i in layers
+                   for m, mod in blocks[i].named_modules() if isinstance(mod, nn.LayerNorm)]
+        visual = get_peft_model(visual, LNTuningConfig(target_modules=targets))
+        visual.loft_adapter = AdapterSpec("ln", {"target_modules": sorted(targets)})
+        return visual
+
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -92,10 +105,6 @@ def _apply(visual: nn.Module, peft_cfg, num_classes: Optional[int], blocks: nn.M
         # LIFT's bias tuning: every bias inside the blocks, LayerNorm biases included.
         names = [f"transformer.resblocks.{i}.{n}" for i in layers
                  for n, _ in blocks[i].named_parameters() if n.endswith("bias")]
-    elif method == "ln":
-        names = [f"transformer.resblocks.{i}.{m}.{n}" for i in layers
-                 for m, mod in blocks[i].named_modules() if isinstance(mod, nn.LayerNorm)
-                 for n, _ in mod.named_parameters(recurse=False)]
     elif method == "full":
         hparams = {}
         names = list(visual.state_dict())
@@ -118,11 +127,11 @@ def adapter_spec(visual: nn.Module) -> AdapterSpec:
 
 
 def adapter_state(visual: nn.Module) -> dict | None:
-    """The tensors a checkpoint stores for the tower's adapter (lora: peft's state dict), or None for `none`."""
+    """The tensors a checkpoint stores for the tower's adapter (lora, ln: peft's state dict), or None for `none`."""
     spec = adapter_spec(visual)
     if spec.method == "none":
         return None
-    if spec.method == "lora":
+    if spec.method in PEFT_METHODS.values():
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(visual)
@@ -136,7 +145,7 @@ def save_adapter(visual: nn.Module, directory: str | Path) -> None:
     if spec.method == "none":
         return
     d = Path(directory) / ADAPTER_DIR
-    if spec.method == "lora":
+    if spec.method in PEFT_METHODS.values():
         visual.save_pretrained(str(d))
         return
     d.mkdir(parents=True, exist_ok=True)
@@ -161,11 +170,15 @@ def load_adapter(visual: nn.Module, directory: str | Path) -> None:
         raise WeightsError(f"{weights} not found; the checkpoint's adapter directory is incomplete")
     tensors = load_file(str(weights))
 
-    if spec.method == "lora":
+    if spec.method in PEFT_METHODS.values():
         from peft import set_peft_model_state_dict
 
-        if saved.get("r") != spec.hparams["r"]:
+        if spec.method == "lora" and saved.get("r") != spec.hparams["r"]:
             raise WeightsError(f"{d}: LoRA rank {saved.get('r')} in the checkpoint, {spec.hparams['r']} in peft.r")
+        if spec.method == "ln" and saved.get("target_modules") != spec.hparams["target_modules"]:
+            raise WeightsError(f"{d}: LN tuning of {saved.get('target_modules')} in the checkpoint, of "
+                               f"{spec.hparams['target_modules']} by peft.layers; set peft.layers to the blocks it "
+                               f"was trained with")
         result = set_peft_model_state_dict(visual, tensors)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
@@ -183,16 +196,20 @@ def load_adapter(visual: nn.Module, directory: str | Path) -> None:
 
 
 def _saved_config(d: Path) -> dict:
-    """Our adapter_config.json as is; peft's is read as method lora; no directory means `none`."""
+    """Our adapter_config.json as is; peft's is read as its method (lora, ln); no directory means `none`."""
     path = d / CONFIG_FILE
     if not path.is_file():
         return {}
     config = json.loads(path.read_text())
     if config.get("format") == FORMAT:
         return config
-    if str(config.get("peft_type", "")).upper() == "LORA":
+    method = PEFT_METHODS.get(str(config.get("peft_type", "")).upper())
+    if method == "lora":
         return {"method": "lora", "r": config.get("r")}
-    raise WeightsError(f"{path} is neither a loft_dist nor a peft LoRA adapter config")
+    if method == "ln":
+        return {"method": "ln", "target_modules": sorted(config.get("target_modules") or [])}
+    raise WeightsError(f"{path} is neither a loft_dist adapter config nor one of peft's "
+                       f"{' / '.join(PEFT_METHODS)} adapters (peft_type {config.get('peft_type')!r})")
 
 
 def _resolve_layers(layers, n_blocks: int) -> list[int]:

@@ -99,5 +99,8 @@ def _export_and_load(run_dir: Path, out: Path, adapter: str, accuracy: float) ->
     assert meta["peft"]["method"] == adapter and meta["metrics"]["accuracy"] == pytest.approx(accuracy)
     config = out / "adapter" / "adapter_config.json"
     assert config.is_file() == (adapter != "none")
-    if adapter == "lora":
-        assert json.loads(config.read_text())["peft_type"] == "LORA"  # peft's own adapter_config.json
+    peft_type = {"lora": "LORA", "ln": "LN_TUNING"}.get(adapter)  # peft's own adapter_config.json
+    if peft_type:
+        assert json.loads(config.read_text())["peft_type"] == peft_type
+    elif adapter != "none":  # loft_dist's documented layout (docs/weights.md)
+        assert json.loads(config.read_text())["format"] == "loft_dist"

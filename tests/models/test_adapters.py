@@ -65,7 +65,7 @@ def is_adapter_name(method: str, name: str) -> bool:
         "adaptformer": ".adaptformer." in name,
         "vpt": name.endswith("vpt_prompts"),
         "bitfit": ".resblocks." in name and leaf.endswith("bias"),
-        "ln": ".resblocks." in name and (".ln_1." in name or ".ln_2." in name),
+        "ln": ".resblocks." in name and ".ln_tuning_layers." in name,  # peft trains a copy of each block LayerNorm
         "full": True,
         "none": False,
     }[method]
@@ -197,6 +197,26 @@ def test_load_rejects_another_adapter(cfg, tmp_path):
         load_weights(build(cfg, "lora", r=4), tmp_path / "lora")
     with pytest.raises(WeightsError):
         load_weights(build(cfg, "adaptformer"), tmp_path / "lora" / ADAPTER_DIR)
+    save_weights(build(cfg, "ln"), tmp_path / "ln")
+    with pytest.raises(WeightsError, match=r"LN tuning of .*resblocks\.1\.ln_1.* by peft.layers"):
+        load_weights(build(cfg, "ln", layers=[0]), tmp_path / "ln")
+
+
+@pytest.mark.parametrize("method,peft_type", [("lora", "LORA"), ("ln", "LN_TUNING")])
+def test_adapters_peft_has_are_saved_as_peft_checkpoints(cfg, images, method, peft_type, tmp_path):
+    """LoRA and LN tuning are written in peft's own format: peft alone loads them onto a fresh open_clip tower."""
+    import json
+
+    from peft import PeftModel
+
+    model = build(cfg, method)
+    perturb(model)
+    save_weights(model, tmp_path)
+    assert json.loads((tmp_path / ADAPTER_DIR / CONFIG_FILE).read_text())["peft_type"] == peft_type
+    # the frozen tower alone (the seeded init every build shares), with the adapter put on by peft
+    tower = PeftModel.from_pretrained(build(cfg, "none").visual, str(tmp_path / ADAPTER_DIR))
+    with torch.no_grad():
+        assert torch.allclose(tower(images), model.visual(images), atol=1e-6)
 
 
 # ------------------------------------------------------------------ AdaptFormer and VPT against their equations
