@@ -2,7 +2,7 @@
 single-process PyTorch loop over the same Parquet shards, the same decode function and the same Scorer class;
 scale-out with 1 and 2 actors; a large pool end to end, each side from a fresh process. Also the memory of N vs
 10N images (driver and actors, peak RSS). Shards hold 256 rows, as a prepared pool's do (data.rows_per_shard),
-and the job runs with its default chunking (scoring.shards_per_chunk).
+and the job runs with its default chunking (scoring.rows_per_chunk).
 
     python bench/score_throughput.py                     # N = 40,000, large pool 400,000, memory 20,000 vs 200,000
     python bench/score_throughput.py --n 4000 --big-n 20000 --mem-n 2000 --no-record

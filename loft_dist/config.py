@@ -308,7 +308,9 @@ class ScoringConfig:
     # cpus_per_actor on CPU: Ray Data then fuses decoding into the actor process (ray#54433), where it cannot
     # overlap with scoring.
     cpus_per_data_task: float = setting(1.0, resumable=True)
-    shards_per_chunk: int = 64  # resume granularity: a killed job redoes at most one chunk (0 = one chunk)
+    # Resume granularity in rows, whatever the shards' size: a killed job redoes at most one chunk of rows (a shard
+    # or row group above it is split by row ranges); 0 = the whole input is one chunk.
+    rows_per_chunk: int = setting(50_000, ge=0)
     custom_resources: dict = setting({})  # e.g. {scorer: 0.01}: pins actors to scorer nodes
     checkpoint: str = ""  # `loft-dist score`: the checkpoint dir that scores the pool ("" = zero-shot)
     input: str = ""  # `loft-dist score`: a dir of Parquet image shards, or an image folder
@@ -534,7 +536,7 @@ def _check_keys(given: Any, schema: type, prefix: str = "") -> None:
 
 # Keys that an older loft_dist wrote into a run dir's config.yaml and that nothing reads any more: dropped on load,
 # so that resuming, exporting or scoring with that file keeps working.
-RETIRED_KEYS = ("eval.batch_size",)
+RETIRED_KEYS = ("eval.batch_size", "scoring.shards_per_chunk")  # the latter: scoring.rows_per_chunk since issue 22
 
 
 def _drop_retired(layer: dict) -> dict:

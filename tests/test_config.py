@@ -126,6 +126,7 @@ def test_a_run_dir_written_with_a_retired_key_still_resumes_exports_and_loads(tm
     cfg = load_config(None, [f"run.storage_path={tmp_path}"])
     old = to_dict(cfg)
     old["eval"]["batch_size"] = 256  # what every run dir written before the key was dropped holds
+    old["scoring"]["shards_per_chunk"] = 64  # likewise, before scoring.rows_per_chunk
     saved = tmp_path / "tiny" / "config.yaml"
     saved.parent.mkdir()
     saved.write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
@@ -133,7 +134,7 @@ def test_a_run_dir_written_with_a_retired_key_still_resumes_exports_and_loads(tm
     assert from_dict(OmegaConf.to_container(OmegaConf.load(saved))) == cfg  # export reads it with from_dict
     with caplog.at_level(logging.WARNING, logger="loft_dist.config"):
         assert load_config(str(saved)) == cfg  # `loft-dist run|score runs/<name>/config.yaml`
-    assert "eval.batch_size is no longer used" in caplog.text
+    assert "eval.batch_size is no longer used" in caplog.text and "scoring.shards_per_chunk is no longer used" in caplog.text
     # the guard still refuses a real change
     with pytest.raises(ConfigError, match=r"train.lr: 0.02 → 0.5"):
         _check_same_run(load_config(None, [f"run.storage_path={tmp_path}", "train.lr=0.5"]),

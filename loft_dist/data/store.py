@@ -215,14 +215,14 @@ def shard_paths(root: str, split: str) -> list[str]:
     return [storage.join(root, split, n) for n in names]
 
 
-def _open_parquet(path: str) -> pq.ParquetFile:
+def open_parquet(path: str) -> pq.ParquetFile:
     fs, p = storage.resolve(path)
     return pq.ParquetFile(fs.open_input_file(p))
 
 
 def count_rows(paths: list[str]) -> int:
     """Row count from Parquet footers only (no data read)."""
-    return sum(_open_parquet(p).metadata.num_rows for p in paths)
+    return sum(open_parquet(p).metadata.num_rows for p in paths)
 
 
 def read_split(root: str, split: str, columns: Optional[list[str]] = None):
@@ -238,5 +238,5 @@ def read_split(root: str, split: str, columns: Optional[list[str]] = None):
 def iter_table_rows(paths: list[str], columns: list[str], batch_rows: int = 4096) -> Iterator[dict]:
     """Stream rows of a few columns from Parquet files without loading them whole."""
     for p in paths:
-        for batch in _open_parquet(p).iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in open_parquet(p).iter_batches(batch_size=batch_rows, columns=columns):
             yield from batch.to_pylist()

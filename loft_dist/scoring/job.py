@@ -1,8 +1,9 @@
 """Scoring image shards with the actor pool into a table (DESIGN §3, §5), resumable chunk by chunk.
 
-The input shards are cut into chunks. One streaming execution reads the uncommitted chunks' shards →
-decode (tasks) → Scorer (actor pool) → the driver, which writes each chunk's rows into a temp dir and
-commits it with _SUCCESS when its last row is in. A re-run skips committed chunks, so a killed job loses
+The input rows are cut into chunks of at most scoring.rows_per_chunk rows, whatever the shards' size (a big shard
+or row group is split by row ranges). One streaming execution reads the uncommitted chunks' rows and decodes them
+(tasks) → Scorer (actor pool) → the driver, which writes each chunk's rows into a temp dir and commits it with
+_SUCCESS when its last row is in. A re-run skips committed chunks, so a killed job loses
 at most the chunks in flight. When every chunk is in, the chunk files are moved into the final table dir,
 which is committed with the total row count — checked to equal the input's.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +24,7 @@ from loft_dist.config import to_dict
 from loft_dist import storage
 from loft_dist.data.pseudo_labels import commit_table, is_complete, table_files, table_rows
 from loft_dist.data.quarantine import check_unique_ids
-from loft_dist.data.store import count_rows, shard_paths
+from loft_dist.data.store import open_parquet, shard_paths
 from loft_dist.data.transforms import decode_batch
 from loft_dist.errors import ConfigError, DataError, StorageError, WeightsError
 from loft_dist.scoring.scorer import Scorer
@@ -33,26 +33,61 @@ log = logging.getLogger(__name__)
 INPUT_COLUMNS = ["id", "image", "true_label"]
 
 
-def _path_key(path: str) -> str:
-    """A shard path as Ray Data's `include_paths` column gives it: no URI scheme, absolute when local."""
-    if "://" in path:
-        return path.split("://", 1)[1]
-    return os.path.normpath(os.path.abspath(path))
+def plan_chunks(paths: list[str], rows_per_chunk: int, unit_rows: int) -> list[list[list[tuple]]]:
+    """The input cut into chunks of at most rows_per_chunk rows (0: one chunk), each chunk into read units of at most
+    unit_rows rows; a unit is a list of slices (shard path, row group, start, stop). Boundaries follow the rows'
+    order only, so a chunk holds the same rows whatever the unit size (resume compares chunks, not units); a shard or
+    row group above either size is split by row ranges. Reads the Parquet footers only."""
+    chunk_cap = rows_per_chunk or math.inf
+    chunks: list[list[list[tuple]]] = []
+    chunk: list[list[tuple]] = []
+    unit: list[tuple] = []
+    in_chunk = in_unit = 0
+    for path in paths:
+        meta = open_parquet(path).metadata
+        for rg in range(meta.num_row_groups):
+            n, start = meta.row_group(rg).num_rows, 0
+            while start < n:
+                take = int(min(n - start, unit_rows - in_unit, chunk_cap - in_chunk))
+                unit.append((path, rg, start, start + take))
+                start, in_unit, in_chunk = start + take, in_unit + take, in_chunk + take
+                if in_unit == unit_rows or in_chunk == chunk_cap:
+                    chunk.append(unit)
+                    unit, in_unit = [], 0
+                if in_chunk == chunk_cap:
+                    chunks.append(chunk)
+                    chunk, in_chunk = [], 0
+    if unit:
+        chunk.append(unit)
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
-def _scored_dataset(cfg, paths: list[str], rows: int, scorer_kwargs: dict):
-    """read → decode (tasks) → Scorer (actor pool), streaming; each row keeps the `path` of its shard."""
+def read_unit(batch: dict, view: str, image_size: int) -> dict:
+    """One read unit's rows (its slices of row groups) decoded, each row with its shard `path` and `chunk`."""
+    import numpy as np
+
+    (chunk,), (slices,) = batch["chunk"], batch["slices"]
+    parts, paths = [], []
+    for path, rg, start, stop in json.loads(str(slices)):
+        with storage.open_input(path) as f:
+            parts.append(pq.ParquetFile(f).read_row_group(rg, columns=INPUT_COLUMNS).slice(start, stop - start))
+        paths += [path] * (stop - start)
+    rows = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(INPUT_COLUMNS, pa.concat_tables(parts).columns)}
+    rows.update(path=np.asarray(paths, dtype=object), chunk=np.full(len(paths), int(chunk), np.int64))
+    return decode_batch(rows, view=view, image_size=image_size, normalized=False)  # uint8: the Scorer normalizes
+
+
+def _scored_dataset(cfg, units: list[dict], scorer_kwargs: dict):
+    """read + decode (tasks, one per unit of ~4 batches) → Scorer (actor pool), streaming; each row keeps its shard
+    `path` and its `chunk`."""
     import ray.data
 
     s = cfg.scoring
-    # About 4 batches per read task: a prepared split's shards hold 256 rows, and a Ray task per shard cost more
-    # than reading and decoding it (one task per shard ran at ~1,000 rows/s on 2 cores).
-    blocks = max(1, min(len(paths), math.ceil(rows / (4 * s.batch_size))))
-    fs, _ = storage.resolve(paths[0])
-    ds = ray.data.read_parquet([storage.resolve(p)[1] for p in paths], filesystem=fs, columns=INPUT_COLUMNS,
-                               include_paths=True, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"view": s.view, "image_size": cfg.data.image_size, "normalized": False},
-                        batch_format="numpy", num_cpus=s.cpus_per_data_task)  # uint8 pixels: the Scorer normalizes
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(read_unit, batch_size=1, batch_format="numpy", num_cpus=s.cpus_per_data_task,
+                        fn_kwargs={"view": s.view, "image_size": cfg.data.image_size})
     return ds.map_batches(
         Scorer, fn_constructor_kwargs=scorer_kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
@@ -61,19 +96,18 @@ def _scored_dataset(cfg, paths: list[str], rows: int, scorer_kwargs: dict):
     )  # Ray Data's actor pool restarts dead actors and retries their batches (max_restarts = max_task_retries = -1)
 
 
-def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], work: str, scorer_kwargs: dict,
+def _score_chunks(cfg, chunks: dict[int, list], expected: dict[int, int], work: str, scorer_kwargs: dict,
                   on_commit) -> None:
     """Score the uncommitted chunks in one Ray Data execution and commit each chunk the moment its last row is in.
 
     One execution, not one per chunk: every execution starts its own actor pool, and an actor's start-up (torch +
-    open_clip import, model build: ~10 s on 2 cores) repeated per chunk of 64 shards cost more than the scoring of
-    a pool of millions. The scored rows are small (~100 bytes), so the driver writes them itself, into the temp dir
-    of the chunk their shard belongs to (Ray Data's `path` column says which); a killed job loses only the
-    chunks in flight, and a retried actor task cannot leave a duplicate file behind.
+    open_clip import, model build: ~10 s on 2 cores) repeated per chunk cost more than the scoring of a pool of
+    millions. The scored rows are small (~100 bytes), so the driver writes them itself, one file per chunk and input
+    shard of each block, into the chunk's temp dir; a killed job loses only the chunks in flight, and a retried
+    actor task cannot leave a duplicate file behind.
     """
-    chunk_of = {_path_key(p): c for c, ps in chunks.items() for p in ps}
-    shard_name = {_path_key(p): storage.name(p) for ps in chunks.values() for p in ps}
-    scored = _scored_dataset(cfg, [p for c in sorted(chunks) for p in chunks[c]], sum(expected.values()), scorer_kwargs)
+    units = [{"chunk": c, "slices": json.dumps(u)} for c in sorted(chunks) for u in chunks[c]]
+    scored = _scored_dataset(cfg, units, scorer_kwargs)
     tag = uuid.uuid4().hex[:8]
     tmp = {c: storage.join(work, f".chunk-{c:05d}.tmp-{tag}") for c in chunks}
     got, parts = dict.fromkeys(chunks, 0), dict.fromkeys(chunks, 0)
@@ -81,22 +115,19 @@ def _score_chunks(cfg, chunks: dict[int, list[str]], expected: dict[int, int], w
     try:
         for c in chunks:
             storage.makedirs(tmp[c])
-            if expected[c] == 0:  # shards without rows: nothing will arrive for them
-                commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=0, shards={})
-                on_commit(c, 0)
         for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            keys = block.column("path").to_pylist()
-            block = block.drop_columns(["path"])
+            keys = list(zip(block.column("chunk").to_pylist(), block.column("path").to_pylist()))
+            block = block.drop_columns(["chunk", "path"])
             unique = list(dict.fromkeys(keys))
             for key in unique:
-                c = chunk_of.get(_path_key(key), chunk_of.get(key))
-                if c is None:
-                    raise RuntimeError(f"scored rows from {key!r}, which is not one of this job's shards")
+                c, path = key
+                if c not in chunks:
+                    raise RuntimeError(f"scored rows of chunk {c} ({path!r}), which is not one of this job's chunks")
                 rows = block if len(unique) == 1 else block.filter(pa.array([k == key for k in keys]))
                 name = f"part-{parts[c]:05d}.parquet"
                 with storage.open_output(storage.join(tmp[c], name)) as f:
                     pq.write_table(rows, f)
-                shards[c][name] = shard_name.get(_path_key(key), storage.name(key))
+                shards[c][name] = storage.name(path)
                 parts[c] += 1
                 got[c] += rows.num_rows
                 if got[c] == expected[c]:
@@ -120,11 +151,12 @@ def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str],
         return table_rows(out)
     check_unique_ids(paths, label or storage.name(out))  # one row per image needs one id per image (a row count cannot tell)
     s = cfg.scoring
-    per_chunk = s.shards_per_chunk or len(paths)
-    chunks = [paths[i:i + per_chunk] for i in range(0, len(paths), per_chunk)]
+    # About 4 batches per read task: one task per 256-row shard cost more than reading and decoding it (~1,000
+    # rows/s on 2 cores)
+    chunks = plan_chunks(paths, s.rows_per_chunk, max(4 * s.batch_size, 1))
     work = storage.join(storage.parent(out), f".{storage.name(out)}.work")
     identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [storage.name(p) for p in paths],
-                "per_chunk": per_chunk}
+                "rows_per_chunk": s.rows_per_chunk}
     ident_file = storage.join(work, "job.json")
     if storage.is_file(ident_file) and storage.read_json(ident_file) != identity:
         log.warning("%s was left by a different scoring job; starting it over", work)
@@ -136,12 +168,12 @@ def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str],
 
     kwargs = {"cfg": to_dict(cfg), "class_names": class_names, "mode": mode, "checkpoint": checkpoint,
               "zs_table": zs_table}
-    rows = {i: count_rows(chunk) for i, chunk in enumerate(chunks)}
+    rows = {i: sum(stop - start for unit in chunk for _, _, start, stop in unit) for i, chunk in enumerate(chunks)}
     total = sum(rows.values())
     todo = {i: chunk for i, chunk in enumerate(chunks) if not is_complete(storage.join(work, f"chunk-{i:05d}"))}
     done = total - sum(rows[i] for i in todo)
-    log.info("scoring %s: %d rows in %d shards (%d chunks, %d done before), mode %s, actor pool %d..%d actors x "
-             "%s CPU / %s GPU, batch %d", label or storage.name(out), total, len(paths), len(chunks), len(chunks) - len(todo),
+    log.info("scoring %s: %d rows in %d shards (%d chunks of <= %s rows, %d done before), mode %s, actor pool %d..%d actors x "
+             "%s CPU / %s GPU, batch %d", label or storage.name(out), total, len(paths), len(chunks), s.rows_per_chunk or "all", len(chunks) - len(todo),
              mode, s.min_actors, s.max_actors, s.cpus_per_actor, s.gpus_per_actor, s.batch_size)
     t0, fresh, committed = time.time(), 0, len(chunks) - len(todo)
 

@@ -95,8 +95,9 @@ class Scorer:
             "true_label": np.asarray(batch["true_label"]).astype(np.int32),
             "error": errors.astype(str),
         }
-        if "path" in batch:  # the input shard of each row (job.py commits chunk by chunk; not kept in the table)
+        if "chunk" in batch:  # each row's input shard and chunk: job.py commits chunk by chunk (not kept in the table)
             out["path"] = np.asarray(batch["path"]).astype(str)
+            out["chunk"] = np.asarray(batch["chunk"]).astype(np.int64)
         p = probs.numpy().astype(np.float32)
         if self.topk and self.topk < p.shape[1]:
             idx = np.argsort(-p, axis=1)[:, : self.topk]

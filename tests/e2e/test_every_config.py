@@ -102,6 +102,6 @@ def test_the_pool_config_scores_a_pool(tmp_path, weights, ray_session):
     info = prepare_dataset(tiny(pool, weights, f"data.root={data}"))
     out = tmp_path / "labels"
     overrides = [*DATA, *BUDGET, "model.name=loft-tiny-vit", f"model.pretrained={weights}", f"data.root={data}",
-                 f"scoring.input={data}", f"scoring.output={out}", "scoring.shards_per_chunk=1"]
+                 f"scoring.input={data}", f"scoring.output={out}", "scoring.rows_per_chunk=100"]
     assert main(["score", str(pool), *overrides]) == 0
     assert table_rows(out) == info["rows"]["unlabeled"]

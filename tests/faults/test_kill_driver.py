@@ -61,9 +61,9 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, ray
     cmd = [LOFT_DIST, "run", TINY, f"run.storage_path={tmp_path}", f"run.name={name}", f"data.root={prepared_root}",
            *DATA_OVERRIDES, "rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}",
            f"train.num_to_keep={EPOCHS + 2}",  # keep every checkpoint, to see which epochs were reported
-           # one shard per chunk and small batches: chunks commit one by one while the rest is still scored (the
-           # job streams every chunk in one execution, so a pool this small leaves a short window to kill in)
-           "scoring.shards_per_chunk=1", "scoring.batch_size=8", f"run.ray_address={cluster.gcs_address}"]
+           # small chunks and batches: chunks commit one by one while the rest is still scored (the job streams
+           # every chunk in one execution, so a pool this small leaves a short window to kill in)
+           "scoring.rows_per_chunk=64", "scoring.batch_size=8", f"run.ray_address={cluster.gcs_address}"]
     env = cluster.env(AWS_SECRET_ACCESS_KEY=secret, DS_ACCELERATOR="cpu")
     r1 = run_dir / "rounds" / "r1"
     work = r1 / ".pseudo_labels.work"

@@ -44,7 +44,7 @@ DECISION_KINDS = {"hard", "soft", "rejected", "ood"}
 def _overrides(root: Path, *extra: str) -> list[str]:
     # OOD images at 32 px (not the digits' native 8 px): the pool whose MSP gaps the seeds below were chosen for
     return [f"data.root={root / 'data'}", "data.ood_test=0", "data.ood_image_size=32", f"run.storage_path={root / 'runs'}",
-            "scoring.batch_size=64", "scoring.shards_per_chunk=1",  # several batches and two chunks per job
+            "scoring.batch_size=64", "scoring.rows_per_chunk=250",  # several batches and two chunks per job, one ending inside a shard
             "train.labeled_view=clean", "train.unlabeled_view=clean",  # deterministic images in the stream
             *extra]
 

@@ -63,7 +63,7 @@ def test_pool_of_50000_images_with_two_actors_writes_exactly_one_row_each(tmp_pa
     ids = _write_pool(tmp_path / "pool", 50_000, shards=16)
     out = tmp_path / "scored"
     cfg = _cfg(tmp_path, tmp_path / "pool", out, "scoring.min_actors=2", "scoring.max_actors=2",
-               "scoring.shards_per_chunk=8")
+               "scoring.rows_per_chunk=25000")
     # Each actor's first batch waits until both actors hold one: on a slow machine the actor that starts first could
     # otherwise score the whole pool before the second is up, and "two actors" would be a config value, not a fact.
     with traced_scorer(tmp_path / "trace", hold=True) as trace:
@@ -93,10 +93,11 @@ def test_pool_of_50000_images_with_two_actors_writes_exactly_one_row_each(tmp_pa
 
 
 def test_killed_scoring_job_resumes_without_duplicate_or_missing_id(tmp_path, ray_session):
-    ids = _write_pool(tmp_path / "pool", 8_000, shards=16)  # 8 chunks: never all committed between two polls
+    # Two shards of 4,000 rows, one row group each, in chunks of 1,000 rows: resume is bounded in rows, not shards.
+    ids = _write_pool(tmp_path / "pool", 8_000, shards=2)  # 8 chunks: never all committed between two polls
     out = tmp_path / "scored"
     overrides = [f"data.root={tmp_path / 'data'}", f"scoring.input={tmp_path / 'pool'}", f"scoring.output={out}",
-                 "scoring.shards_per_chunk=2", "scoring.batch_size=256", "run.num_cpus=4",
+                 "scoring.rows_per_chunk=1000", "scoring.batch_size=256", "run.num_cpus=4",
                  "run.object_store_mb=300"]
     _cfg(tmp_path, tmp_path / "pool", out)  # writes data/dataset.json
     script = textwrap.dedent(f"""
@@ -121,6 +122,8 @@ def test_killed_scoring_job_resumes_without_duplicate_or_missing_id(tmp_path, ra
     first = {f"{f.parent.name}-{f.name}": f.stat().st_mtime_ns for f in work.glob("chunk-*/*.parquet")
              if (f.parent / "_SUCCESS").is_file()}
     assert first
+    committed = [json.loads(m.read_text())["rows"] for m in work.glob("chunk-*/_SUCCESS")]
+    assert committed and all(n == 1000 for n in committed), committed  # what a kill can lose: one chunk of rows
 
     cfg = load_config(None, overrides)
     assert run_score_job(cfg) == 8_000

@@ -38,7 +38,7 @@ def test_score_reads_a_pool_from_s3_and_commits_its_table_there(tmp_path, s3_ser
     storage.write_json(f"s3://{bucket}/data/dataset.json", {"schema_version": 1, "class_names": CLASSES})
     out = f"s3://{bucket}/scored/pool"
     run = _cli(s3_server, "score", f"data.root=s3://{bucket}/data", f"scoring.input=s3://{bucket}/pool",
-               f"scoring.output={out}", "scoring.batch_size=500", "scoring.shards_per_chunk=2", "run.num_cpus=2",
+               f"scoring.output={out}", "scoring.batch_size=500", "scoring.rows_per_chunk=1200", "run.num_cpus=2",
                "run.object_store_mb=300")
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"done: 3000 rows in {out}" in run.stdout
