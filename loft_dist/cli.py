@@ -109,8 +109,9 @@ def _compare(args) -> int:
 
 def _prepare(cfg) -> int:
     from loft_dist.data.prepare import prepare_dataset
+    from loft_dist.runtime import init_ray
 
-    prepare_dataset(cfg, force=True)
+    prepare_dataset(cfg, force=True, start_ray=lambda: init_ray(cfg.run))
     return 0
 
 

@@ -107,7 +107,7 @@ class RunContext:
 def _prepare(ctx: RunContext, r: int) -> None:
     from loft_dist.data.prepare import prepare_dataset
 
-    prepare_dataset(ctx.cfg)
+    prepare_dataset(ctx.cfg, start_ray=ctx.ray)
 
 
 def _score(ctx: RunContext, r: int) -> None:

@@ -12,6 +12,11 @@ That is cheap for CIFAR (in memory), ImageFolder trees and path manifests (one f
 Parquet manifest holding image bytes is cached by row group up to 512 MB, beyond that its row
 groups are re-read, and a path manifest is the better source.
 
+Each split is cut into groups of data.rows_per_shard rows in write order; when Ray is up (`loft-dist prepare` and
+`loft-dist run` start it for a split of PARALLEL_MIN_GROUPS groups or more) Ray Data tasks read, encode and write the
+groups in parallel, each into its own shard names in the split's staging dir, and the driver commits the split once
+every group is in. The bytes are the same as the driver writes alone.
+
 Bad records (labels out of range, unknown class names, missing files or columns, empty classes)
 stop the build with a SourceError that names the config key, the file and the record. Image
 bytes are stored as they are, undecodable ones included: those are quarantined when streamed
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import pickle
 import time
@@ -34,8 +40,9 @@ from loft_dist import storage
 from loft_dist.config import Config, DataConfig
 from loft_dist.data import protocol
 from loft_dist.data.sources import Source, SourceError
-from loft_dist.data.store import (SCHEMA_VERSION, SPLITS, read_dataset_info, remove_dataset_info,
-                                  split_exists, write_split)
+from loft_dist.data.store import (SCHEMA_VERSION, SPLITS, commit_split, read_dataset_info, remove_dataset_info,
+                                  split_exists, write_shard_group)
+from loft_dist.errors import DataError
 
 log = logging.getLogger(__name__)
 OOD_ID_OFFSET = 1 << 40
@@ -272,22 +279,95 @@ def plan_splits(cfg: Config) -> Plan:
 # Writing
 
 
-def _rows(src, indices, *, labeled: bool = False, ood: bool = False, id_offset: int = 0):
-    for i in indices:
-        i = int(i)
-        true = -1 if ood else int(src.labels[i])
-        yield {"id": id_offset + i, "image": src.encoded(i), "label": true if labeled else -1,
-               "true_label": true, "source": src.origin(i)}
+TRAIN, TEST, OOD = 0, 1, 2  # which source a row of a split comes from (the `src` column of a split's row list)
+PARALLEL_MIN_GROUPS = 4  # a split of fewer shards is written in the driver: faster than starting Ray Data tasks
 
 
-def _pool_rows(plan: Plan, seed: int):
-    """ID pool and OOD rows in one seeded order, so every shard holds about the same OOD share."""
-    n_id = len(plan.unlabeled)
-    for k in np.random.default_rng(seed + 2).permutation(n_id + len(plan.ood_pool)):
-        if k < n_id:
-            yield from _rows(plan.train, [plan.unlabeled[k]])
+def _split_rows(plan: Plan, seed: int) -> dict[str, np.ndarray]:
+    """Each split as its rows in write order, (N, 2) int64: source (TRAIN | TEST | OOD) and index in that source.
+    Labeled and pool rows are in a seeded random order: ID pool and OOD rows in one order, so every shard holds
+    about the same OOD share."""
+    def rows(src: int, idx) -> np.ndarray:
+        idx = np.asarray(idx, np.int64)
+        return np.stack([np.full(len(idx), src, np.int64), idx], axis=1)
+
+    labeled = plan.labeled[np.random.default_rng(seed + 3).permutation(len(plan.labeled))]
+    pool = np.concatenate([rows(TRAIN, plan.unlabeled), rows(OOD, plan.ood_pool)])
+    splits = {"labeled": rows(TRAIN, labeled),
+              "unlabeled": pool[np.random.default_rng(seed + 2).permutation(len(pool))],
+              "test": rows(TEST, plan.test_idx)}
+    if len(plan.ood_test):
+        splits["ood_test"] = rows(OOD, plan.ood_test)
+    return splits
+
+
+def _row_dicts(sources: dict, rows: np.ndarray, labeled: bool, offsets: dict):
+    """The store rows of a list of (source, index); OOD rows have no class (true_label -1)."""
+    for src, i in rows.tolist():
+        true = -1 if src == OOD else int(sources[src].labels[i])
+        yield {"id": offsets[src] + i, "image": sources[src].encoded(i), "label": true if labeled else -1,
+               "true_label": true, "source": sources[src].origin(i)}
+
+
+def write_group(batch: dict, sources, staged: str, labeled: bool, offsets: dict, rows_per_shard: int,
+                target_mb: Optional[float]) -> dict:
+    """Ray Data task (or in-process call): one group of a split's rows read from its sources, encoded and written
+    as shards. A source error comes back as a value, so the driver raises it as the one-line error it is."""
+    import ray
+
+    if isinstance(sources, ray.ObjectRef):
+        sources = ray.get(sources)
+    out = {"group": [], "rows": [], "sha256": [], "error": []}
+    for g, rows in zip(batch["group"], batch["rows"]):
+        try:
+            w = write_shard_group(_row_dicts(sources, np.asarray(rows).reshape(-1, 2), labeled, offsets), staged,
+                                  int(g), rows_per_shard, target_mb)
+            result, error = (w["rows"], json.dumps(w["sha256"])), ""
+        except DataError as e:
+            result, error = (0, "{}"), str(e)
+        out["group"].append(int(g))
+        out["rows"].append(result[0])
+        out["sha256"].append(result[1])
+        out["error"].append(error)
+    return {k: np.asarray(v, dtype=object if k in ("sha256", "error") else np.int64) for k, v in out.items()}
+
+
+def _write_split(sources: dict, rows: np.ndarray, root: str, split: str, d: DataConfig, offsets: dict,
+                 start_ray=None) -> dict:
+    """A split's rows in groups of data.rows_per_shard, written in parallel Ray Data tasks when the split has
+    PARALLEL_MIN_GROUPS groups or more and Ray is up (or start_ray starts it), else in the driver; then committed at
+    once, so a killed build leaves no split behind (exactly once: a retried task rewrites its own group's files)."""
+    import ray
+
+    groups = [rows[k:k + d.rows_per_shard] for k in range(0, len(rows), d.rows_per_shard)] or [rows]
+    staged = storage.staging(storage.join(root, split))
+    kwargs = {"staged": staged, "labeled": split == "labeled", "offsets": offsets,
+              "rows_per_shard": d.rows_per_shard, "target_mb": d.shard_mb}
+    items = {"group": np.arange(len(groups)), "rows": [g.reshape(-1).tolist() for g in groups]}
+    parallel = len(groups) >= PARALLEL_MIN_GROUPS and (ray.is_initialized() or start_ray is not None)
+    if parallel and not ray.is_initialized():
+        start_ray()
+    try:
+        if parallel:
+            import ray.data
+
+            ds = ray.data.from_items([{"group": g, "rows": r} for g, r in zip(items["group"], items["rows"])],
+                                     override_num_blocks=len(groups))
+            done = ds.map_batches(write_group, batch_size=1, fn_kwargs={"sources": ray.put(sources), **kwargs})
+            results = done.take_all()
         else:
-            yield from _rows(plan.ood, [plan.ood_pool[k - n_id]], ood=True, id_offset=OOD_ID_OFFSET)
+            out = write_group(items, sources, **kwargs)
+            results = [dict(zip(out, values)) for values in zip(*out.values())]
+    except BaseException:
+        storage.remove(staged)
+        raise
+    failed = [r["error"] for r in results if r["error"]]
+    if failed:
+        storage.remove(staged)
+        raise SourceError(f"{split}: {failed[0]}" + (f" (and {len(failed) - 1} more shards failed)" if len(failed) > 1
+                                                      else ""))
+    return commit_split(staged, root, split, [{"rows": int(r["rows"]), "sha256": json.loads(r["sha256"])}
+                                              for r in results])
 
 
 def _per_class(labels: np.ndarray, idx: np.ndarray, C: int) -> list[int]:
@@ -317,28 +397,22 @@ def _complete_dataset(root: str, wanted: dict) -> dict | None:
     return None
 
 
-def _write_splits(plan, cfg: Config, root: str, test_offset: int) -> dict:
+def _write_splits(plan, cfg: Config, root: str, test_offset: int, start_ray=None) -> dict:
     """Every split of the plan as Parquet shards under root; what write_split reports of each."""
-    d, seed = cfg.data, cfg.run.seed
-    labeled_order = plan.labeled[np.random.default_rng(seed + 3).permutation(len(plan.labeled))]
-    splits = {
-        "labeled": _rows(plan.train, labeled_order, labeled=True),
-        "unlabeled": _pool_rows(plan, seed),
-        "test": _rows(plan.test_source, plan.test_idx, id_offset=test_offset),
-    }
-    if len(plan.ood_test):
-        splits["ood_test"] = _rows(plan.ood, plan.ood_test, ood=True, id_offset=OOD_ID_OFFSET)
+    sources = {TRAIN: plan.train, TEST: plan.test_source, OOD: plan.ood}
+    offsets = {TRAIN: 0, TEST: test_offset, OOD: OOD_ID_OFFSET}
     written = {}
-    for split, rows in splits.items():
+    for split, rows in _split_rows(plan, cfg.run.seed).items():
         t0 = time.time()
-        written[split] = w = write_split(rows, root, split, d.rows_per_shard, target_mb=d.shard_mb)
-        log.info("wrote %s: %d rows, %d shards, %.1f MB in %.1f s", split, w["rows"], w["shards"], w["bytes"] / 2**20,
-                 time.time() - t0)
+        written[split] = w = _write_split(sources, rows, root, split, cfg.data, offsets, start_ray)
+        log.info("wrote %s: %d rows, %d shards, %.1f MB in %.1f s (%.0f rows/s)", split, w["rows"], w["shards"],
+                 w["bytes"] / 2**20, time.time() - t0, w["rows"] / max(time.time() - t0, 1e-9))
     return written
 
 
-def prepare_dataset(cfg: Config, force: bool = False) -> dict:
-    """Build the dataset dir at cfg.data_root unless a complete one with the same protocol is there."""
+def prepare_dataset(cfg: Config, force: bool = False, start_ray=None) -> dict:
+    """Build the dataset dir at cfg.data_root unless a complete one with the same protocol is there. Splits of many
+    shards are written in Ray Data tasks when Ray is up, or once `start_ray()` (if given) has started it."""
     d = cfg.data
     root = cfg.data_root
     if "://" not in root:
@@ -368,7 +442,7 @@ def prepare_dataset(cfg: Config, force: bool = False) -> dict:
         raise SourceError(f"data.root={root}: cannot write the dataset there ({e}); set data.root to a writable "
                           f"directory or URI") from e
     test_offset = TEST_ID_OFFSET if plan.test is not None else 0
-    written = _write_splits(plan, cfg, root, test_offset)
+    written = _write_splits(plan, cfg, root, test_offset, start_ray)
     for split in SPLITS:  # a split an earlier build wrote and this one does not (e.g. ood_test) must not linger
         if split not in written and split_exists(root, split):
             fs.delete_dir(f"{base}/{split}")

@@ -71,8 +71,9 @@ class _HashingSink:
 class _ShardWriter:
     """Rows → part-NNNNN.parquet files in one directory, cut by size and row count."""
 
-    def __init__(self, fs: pafs.FileSystem, directory: str, rows_per_shard: int, target_mb: Optional[float]):
-        self.fs, self.dir = fs, directory
+    def __init__(self, fs: pafs.FileSystem, directory: str, rows_per_shard: int, target_mb: Optional[float],
+                 name_format: str = "part-{:05d}.parquet"):
+        self.fs, self.dir, self.name_format = fs, directory, name_format
         self.max_rows = rows_per_shard
         self.max_bytes = int(target_mb * 2**20) if target_mb else None
         group_mb = min(ROW_GROUP_MB, target_mb) if target_mb else ROW_GROUP_MB
@@ -98,7 +99,7 @@ class _ShardWriter:
             self._flush_group()
 
     def _open_shard(self) -> None:
-        self._name = f"part-{len(self.shards):05d}.parquet"
+        self._name = self.name_format.format(len(self.shards))
         self._sink = _HashingSink(self.fs.open_output_stream(f"{self.dir}/{self._name}"))
         self._writer = pq.ParquetWriter(pa.PythonFile(self._sink, mode="w"), IMAGE_SCHEMA, compression="zstd")
 
@@ -140,22 +141,46 @@ def write_split(rows: Iterable[dict], root: str, split: str, rows_per_shard: int
     store dataset.json, written last by `prepare`, is what makes the whole build count.
     """
     staged = storage.staging(storage.join(root, split))
+    try:
+        group = write_shard_group(rows, staged, None, rows_per_shard, target_mb)
+    except BaseException:
+        storage.remove(staged)
+        raise
+    return commit_split(staged, root, split, [group])
+
+
+def write_shard_group(rows: Iterable[dict], staged: str, group: Optional[int], rows_per_shard: int,
+                      target_mb: Optional[float] = None) -> dict:
+    """One group of a split's rows as shards in its staging dir: part-NNNNN.parquet (group None: the whole split),
+    or part-GGGGG-NN.parquet, so groups written by parallel tasks never share a name and a retried task rewrites
+    its own files only. Returns {"rows", "sha256": {name: digest}}; an empty group writes one empty shard."""
     fs, tmp = storage.resolve(staged)
     fs.create_dir(tmp, recursive=True)
-    writer = _ShardWriter(fs, tmp, rows_per_shard, target_mb)
+    writer = _ShardWriter(fs, tmp, rows_per_shard, target_mb,
+                          "part-{:05d}.parquet" if group is None else f"part-{group:05d}-{{:02d}}.parquet")
     try:
         for row in rows:
             writer.add(row)
         writer.finish()
-        record = storage.commit(staged, storage.join(root, split), {"rows": writer.rows})
     except BaseException:
         writer.abort()
+        raise
+    return {"rows": writer.rows, "sha256": writer.shards}
+
+
+def commit_split(staged: str, root: str, split: str, groups: list[dict]) -> dict:
+    """Commit a split's staged shard groups into root/split (storage.commit); what write_split returns."""
+    rows = sum(g["rows"] for g in groups)
+    shards = {name: digest for g in groups for name, digest in g["sha256"].items()}
+    try:
+        record = storage.commit(staged, storage.join(root, split), {"rows": rows})
+    except BaseException:
         storage.remove(staged)
         raise
-    final = storage.resolve(storage.join(root, split))[1]
+    fs, final = storage.resolve(storage.join(root, split))
     sizes = sum(fs.get_file_info(f"{final}/{name}").size for name in record["files"])
-    return {"rows": writer.rows, "shards": len(writer.shards), "bytes": sizes,
-            "sha256": {f"{split}/{name}": digest for name, digest in writer.shards.items()}}
+    return {"rows": rows, "shards": len(shards), "bytes": sizes,
+            "sha256": {f"{split}/{name}": digest for name, digest in shards.items()}}
 
 
 def remove_dataset_info(root: str) -> None:
