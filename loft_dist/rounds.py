@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from loft_dist.config import Config, ConfigError, resumable_keys, to_dict, to_yaml
+from loft_dist.config import Config, ConfigError, from_dict, resumable_keys, to_dict, to_yaml
 from loft_dist import storage
 from loft_dist.data.store import read_dataset_info
 from loft_dist.errors import DataError, StorageError
@@ -41,8 +41,10 @@ class RunState:
 def _check_same_run(cfg: Config, layout: RunLayout) -> None:
     if not storage.is_file(layout.config):
         return
-    old = OmegaConf.to_container(OmegaConf.create(storage.read_text(layout.config)))
-    new = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+    # Read as the current code reads it: retired keys dropped, and a key added since the run was written takes its
+    # default (what that older code did), so only what the user changed counts as a change.
+    old = to_dict(from_dict(OmegaConf.to_container(OmegaConf.create(storage.read_text(layout.config)))))
+    new = to_dict(cfg)
     diffs = []
     for section, values in new.items():
         for key, value in values.items():

@@ -126,7 +126,8 @@ def test_a_run_dir_written_with_a_retired_key_still_resumes_exports_and_loads(tm
     cfg = load_config(None, [f"run.storage_path={tmp_path}"])
     old = to_dict(cfg)
     old["eval"]["batch_size"] = 256  # what every run dir written before the key was dropped holds
-    old["scoring"]["shards_per_chunk"] = 64  # likewise, before scoring.rows_per_chunk
+    old["scoring"]["shards_per_chunk"] = 64  # likewise, before scoring.rows_per_chunk, which it did not have
+    del old["scoring"]["rows_per_chunk"]
     saved = tmp_path / "tiny" / "config.yaml"
     saved.parent.mkdir()
     saved.write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
