@@ -56,8 +56,8 @@ _REQUIRED = ("id", "pred", "msp", "decision")
 _OPTIONAL = ("zs_msp", "true_label", "error")
 _STYLE = """body{font:13px system-ui,sans-serif;margin:16px;color:#222}h2{margin:20px 0 2px;border-bottom:1px solid #ccc}
 h3{font-size:13px;margin:8px 0 4px;color:#444}h3 small{display:block;font-weight:normal;color:#666}.note{color:#a00}
-.sections{display:flex;flex-wrap:wrap;gap:4px 28px}.sec{max-width:440px}.strip{display:flex;flex-wrap:wrap;gap:8px}
-figure{margin:0;width:102px}img,.missing{width:80px;height:80px;object-fit:contain;image-rendering:pixelated;
+.sections{display:flex;flex-wrap:wrap;gap:4px 28px}.sec{max-width:500px}.strip{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0;width:116px}img,.missing{width:80px;height:80px;object-fit:contain;image-rendering:pixelated;
 background:#eee;display:block}.missing{display:flex;align-items:center;justify-content:center;text-align:center;
 color:#a00;font-size:11px;background:repeating-linear-gradient(45deg,#eee,#eee 6px,#ddd 6px,#ddd 12px)}
 figcaption{font-size:11px;line-height:1.3;border-left:3px solid #999;padding-left:4px;margin-top:2px;
