@@ -45,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("rest", nargs="*", metavar="[SPLIT] [key=value ...]",
                     help="the split: test (default; with ood_test when the dataset has one), labeled, unlabeled or "
                          "ood_test; then overrides of where it runs, e.g. scoring.max_actors=4")
+    gal = sub.add_parser("gallery", help="an HTML page (self-contained, offline) of a pseudo-label table's images per "
+                                         "class: most confident, nearest c_hard / c_ood, wrong, rejected")
+    gal.add_argument("table_dir", help="a pseudo-label table: scoring.output of `loft-dist score`, or a run's "
+                                       "rounds/r<k>/pseudo_labels")
+    gal.add_argument("--data", required=True, help="its images: the prepared dataset (its unlabeled split) or the "
+                                                   "dir of Parquet image shards the table was scored from")
+    gal.add_argument("--out", required=True, help="the HTML file to write")
+    gal.add_argument("--class-names", default=None, help="text file of the scorer's class names, one per line in its "
+                                                         "order (default: --data's dataset.json, else class 0, 1, …)")
+    gal.add_argument("--c-hard", type=float, default=None, help="the algorithm.c_hard the table was scored with "
+                                                               "(default: the config default)")
+    gal.add_argument("--c-ood", type=float, default=None, help="the algorithm.c_ood the table was scored with "
+                                                              "(default: the config default)")
     cmp_ = sub.add_parser("compare", help="side-by-side table and bar plot of the final rounds of several runs")
     cmp_.add_argument("run_dirs", nargs="+")
     cmp_.add_argument("--out", required=True, help="directory for compare.md, compare.json, compare.png")
@@ -99,6 +112,19 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _gallery(args) -> int:
+    from loft_dist.config import AlgorithmConfig
+    from loft_dist.eval.gallery import class_names_for, write_gallery
+
+    a = AlgorithmConfig()
+    g = write_gallery(args.table_dir, args.data, class_names_for(args.table_dir, args.data, args.class_names),
+                      a.c_hard if args.c_hard is None else args.c_hard, a.c_ood if args.c_ood is None else args.c_ood,
+                      args.out)
+    missing = f", {g['missing']} not found in {args.data}" if g["missing"] else ""
+    print(f"done: {g['images']} images of {g['rows']} rows{missing} — {args.out} ({g['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
 def _compare(args) -> int:
     from loft_dist.eval.report import compare_runs
 
@@ -145,7 +171,7 @@ def _run(cfg) -> int:
 
 
 RUN_DIR_COMMANDS = {"report": _report, "export": _export, "predict": _predict, "compare": _compare,
-                    "evaluate": _evaluate}
+                    "evaluate": _evaluate, "gallery": _gallery}
 CONFIG_COMMANDS = {"prepare": _prepare, "score": _score, "run": _run, "demo": _run}
 
 

@@ -116,6 +116,11 @@ def read_json(location: str):
     return json.loads(read_text(location))
 
 
+def read_lines(location: str) -> list[str]:
+    """The non-blank lines of a text file, stripped (a list of class names, one per line)."""
+    return [line.strip() for line in read_text(location).splitlines() if line.strip()]
+
+
 def write_bytes(location: str, data: bytes) -> None:
     """Whole or not at all: temp file + rename locally, one PUT (atomic by itself) on an object store."""
     fs, p = resolve(location)

@@ -11,7 +11,9 @@ import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -214,16 +216,23 @@ def load_run_config(run_dir: str | Path) -> dict:
     return OmegaConf.to_container(OmegaConf.create(storage.read_text(p))) or {}
 
 
-def find_dataset_info(run_dir: str | Path, cfg: dict) -> dict | None:
-    """dataset.json of the run: data.root when set, else <run dir>/data (config's empty root means that)."""
+def find_dataset_root(run_dir: str | Path, cfg: dict) -> str | None:
+    """The dataset of the run, where dataset.json is: data.root when set, else <run dir>/data (config's empty root
+    means that); None when neither is there."""
     root = (cfg.get("data") or {}).get("root") or ""
     for d in ([root] if root else []) + [storage.RunLayout(str(run_dir)).data]:
         try:
             if storage.is_file(storage.join(d, "dataset.json")):
-                return storage.read_json(storage.join(d, "dataset.json"))
+                return d
         except (StorageError, ConfigError):  # a root this machine cannot reach: the next place, or none
             continue
     return None
+
+
+def find_dataset_info(run_dir: str | Path, cfg: dict) -> dict | None:
+    """dataset.json of the run (find_dataset_root), or None."""
+    root = find_dataset_root(run_dir, cfg)
+    return storage.read_json(storage.join(root, "dataset.json")) if root is not None else None
 
 
 def shard_paths(root: str, split: str) -> list[str]:
@@ -265,3 +274,26 @@ def iter_table_rows(paths: list[str], columns: list[str], batch_rows: int = 4096
     for p in paths:
         for batch in open_parquet(p).iter_batches(batch_size=batch_rows, columns=columns):
             yield from batch.to_pylist()
+
+
+def read_rows_by_id(paths: list[str], ids, columns: list[str]) -> pa.Table:
+    """The rows of these shards whose id is in `ids`: each shard's id column is read, then only the row groups
+    holding a wanted id, so a few rows of a pool of millions cost its ids and a few row groups, never its images.
+    Shards are read in order until every id is found; an id found nowhere is simply absent from the result."""
+    todo = np.unique(np.asarray(ids, np.int64))
+    parts = []
+    for p in paths:
+        if not todo.size:
+            break
+        pf = open_parquet(p)
+        shard_ids = pf.read(columns=["id"]).column("id").to_numpy()
+        hit = np.flatnonzero(np.isin(shard_ids, todo))
+        if not hit.size:
+            continue
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+        groups = np.unique(np.searchsorted(starts, hit, side="right") - 1)
+        t = pf.read_row_groups(groups.tolist(), columns=list(dict.fromkeys(["id", *columns])))
+        parts.append(t.filter(pc.is_in(t.column("id"), value_set=pa.array(todo))).select(columns))
+        todo = np.setdiff1d(todo, shard_ids[hit])
+    return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], IMAGE_SCHEMA.field(c).type)
+                                                           for c in columns})

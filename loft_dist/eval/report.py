@@ -1,8 +1,9 @@
 """`loft-dist report`: the run's rounds gathered into report/metrics.json, report.md and the PNG figures.
 
 Reads only what the run wrote: rounds/r*/metrics.json, the pool's pseudo-label tables and the last
-round's test predictions (a few columns, never images), config.yaml and dataset.json. Nothing here
-starts Ray or loads a model, so a report can be rewritten anywhere the run dir is readable.
+round's test predictions (a few columns), config.yaml and dataset.json, and for gallery.html the few pool
+images it shows (eval/gallery.py). Nothing here starts Ray or loads a model, so a report can be rewritten
+anywhere the run dir is readable.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 from loft_dist import storage
 from loft_dist.data.pseudo_labels import is_complete, read_columns, table_files
 from loft_dist.data.quarantine import quarantined_counts
-from loft_dist.data.store import find_dataset_info, load_run_config
+from loft_dist.data.store import find_dataset_info, find_dataset_root, load_run_config, split_exists
 from loft_dist.errors import StorageError
 from loft_dist.eval import plots
+from loft_dist.eval.gallery import write_gallery
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ PLOTS = {  # file → what it shows; a file not written this time is removed, so
     "pseudo_labels_by_round.png": "Pseudo-label precision and coverage by round",
     "pseudo_labels_by_class.png": "Pseudo-label precision and recall by class frequency",
 }
+GALLERY = "gallery.html"  # the pseudo-label gallery (eval/gallery.py), removed like a stale figure when not written
 WORST_K = 8  # rows of the confusion summary
 CONFUSIONS_PER_CLASS = 3
 HIST_BINS = np.linspace(0.0, 1.0, 41)  # score histograms: 40 bins of 0.025
@@ -380,6 +383,36 @@ def _section_pseudo_labels(rep: _Report) -> None:
                    rep.labeled, last["round"])
 
 
+def _section_gallery(rep: _Report) -> dict | None:
+    """gallery.html of the last round r >= 1 with a pool table the method trains on, linked from report.md; returns
+    {round, images} or None (no gallery: round 0 alone, a method that trains on labeled data only, no images)."""
+    from loft_dist.algorithms import METHODS
+
+    a = rep.cfg.get("algorithm") or {}
+    if a.get("name") in METHODS and not METHODS[a["name"]].pseudo_labels:
+        return None  # lp, lft, fft, zero_shot: the pool is scored for statistics only, never trained on
+    tables = [r for r in rep.layout.rounds() if r >= 1 and is_complete(rep.layout.pseudo_labels(r))]
+    if not tables:
+        return None
+    r, root = tables[-1], find_dataset_root(rep.layout.root, rep.cfg)
+    if root is None or not split_exists(root, "unlabeled") or "c_hard" not in a:
+        rep.notes.append("No pseudo-label gallery: " + ("config.yaml names no algorithm.c_hard." if root else
+                                                        "the pool images (the dataset's unlabeled split) were not found."))
+        return None
+    try:
+        g = write_gallery(rep.layout.pseudo_labels(r), root, rep.names, a["c_hard"], a.get("c_ood", 0.0),
+                          str(rep.out / GALLERY), title=f"Pseudo-label gallery — {rep.layout.name}, round {r}")
+    except Exception as e:  # noqa: BLE001 - like a figure: a gallery that fails costs a note, not the report
+        log.warning("report: %s not written: %s: %s", GALLERY, type(e).__name__, e)
+        rep.notes.append(f"{GALLERY} could not be written ({type(e).__name__}: {e}).")
+        return None
+    missing = f", {g['missing']} not found" if g["missing"] else ""
+    rep.lines += ["", f"Pseudo-label gallery: [{GALLERY}]({GALLERY}) — pool images of round {r}'s table per class: "
+                  f"most confident accepted, nearest the thresholds, wrong pseudo-labels, rejected / OOD "
+                  f"({g['images']} images{missing})."]
+    return {"file": GALLERY, "round": r, "images": g["images"], "missing": g["missing"]}
+
+
 def write_report(run_dir: str | Path) -> dict:
     """report/report.md, report/metrics.json and the figures of a run dir; returns the summary written. A run dir in
     object storage gets its report written locally first, then committed into it (matplotlib writes local files)."""
@@ -413,18 +446,19 @@ def _write_report(lay: storage.RunLayout, out: Path) -> dict:
     _section_calibration(rep)
     _section_ood(rep)
     _section_pseudo_labels(rep)
+    gallery = _section_gallery(rep)
     rep.lines += ["", "## Quarantine", "",
                   ("No undecodable images." if not quarantined else
                    ", ".join(f"{split}: {n} images (list in quarantine/{split}.jsonl)"
                              for split, n in quarantined.items()))]
     if rep.notes:
         rep.lines += ["", "## Notes", "", *(f"- {n}" for n in rep.notes)]
-    for stale in set(PLOTS) - set(rep.written):
+    for stale in (set(PLOTS) - set(rep.written)) | (set() if gallery else {GALLERY}):
         (rep.out / stale).unlink(missing_ok=True)
 
     summary = {"run_dir": lay.root, "class_names": rep.names, "rounds": rounds, "final": rep.final,
                "empty_groups": {k: rep.rules[k] for k in empty}, "worst_classes": worst, "quarantined": quarantined,
-               "plots": {name: PLOTS[name] for name in rep.written}, "notes": rep.notes}
+               "plots": {name: PLOTS[name] for name in rep.written}, "gallery": gallery, "notes": rep.notes}
     storage.write_json(rep.out / "metrics.json", summary)
     (rep.out / "report.md").write_text("\n".join(rep.lines) + "\n")
     return summary

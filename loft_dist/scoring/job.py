@@ -288,7 +288,7 @@ def _configured_class_names(names) -> list[str]:
         if not storage.is_file(names):
             raise ConfigError(f"scoring.class_names={names}: no such file; give a text file of one class name per "
                               f"line, or a list (scoring.class_names=[cat,dog,...])")
-        names = [n.strip() for n in storage.read_text(names).splitlines() if n.strip()]
+        names = storage.read_lines(names)
     names = [str(n) for n in names]
     dup = sorted({n for n in names if names.count(n) > 1})
     if len(names) < 2 or dup:
