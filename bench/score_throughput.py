@@ -1,10 +1,11 @@
 """Scoring throughput: the actor-pool job (Ray Data → decode → Scorer actors → Parquet) against a plain
 single-process PyTorch loop over the same Parquet shards, the same decode function and the same Scorer class;
-scale-out with 1 and 2 actors; a large pool end to end, each side from a fresh process. Also the memory of N vs
-10N images (driver and actors, peak RSS). Shards hold 256 rows, as a prepared pool's do (data.rows_per_shard),
-and the job runs with its default chunking (scoring.rows_per_chunk).
+scale-out with 1 and 2 actors; a large pool end to end, each side from a fresh process (`loft-dist score` as a
+user runs it: rows, distinct ids, time to its first committed chunk). Also the memory of `loft-dist score` on the
+large pool against a 10x smaller one (its driver and its actor, peak RSS). Shards hold 256 rows, as a prepared
+pool's do (data.rows_per_shard), and the job runs with its default chunking (scoring.rows_per_chunk).
 
-    python bench/score_throughput.py                     # N = 40,000, large pool 400,000, memory 20,000 vs 200,000
+    python bench/score_throughput.py                     # N = 40,000, large pool 1,000,000, memory 100,000 vs 1,000,000
     python bench/score_throughput.py --n 4000 --big-n 20000 --mem-n 2000 --no-record
 """
 
@@ -16,7 +17,6 @@ import math
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -78,54 +78,55 @@ def actor_pool(paths: list[str], actors: int, tmp: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, rows
 
 
-def memory_child(n: int, root: str) -> dict:
-    """Score n rows with 1 actor; sample the RSS of this driver and of every Ray worker process."""
+def cli_score(pool: Path, tmp: Path) -> dict:
+    """`loft-dist score` on a pool dir as a user runs it (its own Ray, default chunking): seconds from the command to
+    the first committed chunk and to the end, and the table's rows and distinct ids."""
+    import pyarrow.parquet as pq
+
+    out = tmp / f"cli-{time.time_ns()}"
+    work = out.with_name(f".{out.name}.work")
+    cmd = ["loft-dist", "score", "configs/tiny.yaml", f"data.root={tmp / 'no_dataset'}", f"scoring.input={pool}",
+           f"scoring.output={out}", f"scoring.class_names=[{','.join(CLASSES)}]", "scoring.batch_size=512", "scoring.torch_threads=1",
+           "run.object_store_mb=400"]
     import psutil
-    import ray
 
-    from loft_dist.runtime import configure_ray_data
-
-    tmp = Path(root)
-    paths = write_pool(tmp / "pool", n, shards=max(4, n // ROWS_PER_SHARD))
-    ray.init(object_store_memory=400 * 2**20, include_dashboard=False)  # num_cpus: the machine's, as `loft-dist score` starts it
-    configure_ray_data()
-    peak = {"driver": 0.0, "actor": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak["driver"] = max(peak["driver"], rss_mb())
-            for p in psutil.process_iter(["cmdline"]):
-                if "Scorer" in " ".join(p.info["cmdline"] or []):
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first, peak, polls = None, {"driver": 0.0, "actor": 0.0}, 0
+    while proc.poll() is None:
+        if first is None and any(work.glob("chunk-*/_SUCCESS")):
+            first = time.perf_counter() - t0
+        if polls % 4 == 0:  # RSS every 0.2 s: the driver (the command's process) and each Scorer actor
+            try:
+                peak["driver"] = max(peak["driver"], rss_mb(proc.pid))
+            except psutil.Error:
+                pass
+            for q in psutil.process_iter(["cmdline"]):
+                if "Scorer" in " ".join(q.info["cmdline"] or []):
                     try:
-                        peak["actor"] = max(peak["actor"], p.memory_info().rss / 2**20)
+                        peak["actor"] = max(peak["actor"], q.memory_info().rss / 2**20)
                     except psutil.Error:
                         pass
-            time.sleep(0.2)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    secs, rows = actor_pool(paths, 1, tmp)
-    stop.set()
-    th.join()
-    ray.shutdown()
-    return {"n": n, "rows": rows, "seconds": secs, "driver_peak_mb": peak["driver"], "actor_peak_mb": peak["actor"]}
+        polls += 1
+        time.sleep(0.05)
+    total = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(proc.stderr.read()[-3000:])
+    ids = pq.read_table(out, columns=["id"]).column("id")
+    return {"n": len(ids), "first_commit_s": first if first is not None else total, "seconds": total,
+            "rows": len(ids), "distinct": len(ids.unique()), "driver_peak_mb": peak["driver"],
+            "actor_peak_mb": peak["actor"]}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=40_000)
-    p.add_argument("--big-n", type=int, default=400_000, help="the large pool, scored end to end by both sides")
-    p.add_argument("--mem-n", type=int, default=20_000)
+    p.add_argument("--big-n", type=int, default=1_000_000, help="the large pool, scored end to end by both sides")
+    p.add_argument("--mem-n", type=int, default=100_000, help="memory: `loft-dist score` of this pool vs the large one")
     p.add_argument("--no-record", action="store_true")
-    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--plain-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
-    p.add_argument("--root", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.child:
-        print(json.dumps(memory_child(a.child, a.root)))
-        return 0
     if a.plain_child:
         plain_loop(json.loads(Path(a.plain_child).read_text()), threads=a.threads)
         return 0
@@ -154,14 +155,13 @@ def main() -> int:
             secs, rows = actor_pool(paths, k, tmp)
             res[k] = {"seconds": secs, "rows_s": rows / secs,
                       "steady_rows_s": (rows - first) / max(secs - startup, 1e-9)}
-        big_secs, big_rows = actor_pool(big, 1, tmp)
         ray.shutdown()
-    mem = []
-    for n in (a.mem_n, a.mem_n * 10):
-        with tempfile.TemporaryDirectory() as d:
-            out = subprocess.run([sys.executable, __file__, "--child", str(n), "--root", d], cwd=REPO,
-                                 capture_output=True, text=True, check=True)
-            mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        write_pool(tmp / "mem", a.mem_n, shards=shards(a.mem_n))
+        mem = [cli_score(tmp / "mem", tmp), cli_score(tmp / "big", tmp)]
+        for run, n in zip(mem, (a.mem_n, a.big_n)):
+            assert run["rows"] == run["distinct"] == n, run  # exactly one row per image
+        cli = mem[1]
+        big_secs, big_rows = cli["seconds"], cli["rows"]
     n_cold = a.n / cold2
     ratio_steady = res[1]["steady_rows_s"] / plain2
     big_ratio = big_rows / big_secs / (a.big_n / big_plain)
@@ -169,8 +169,9 @@ def main() -> int:
             f"fresh process; actor pool 1 actor {res[1]['rows_s']:.0f} rows/s end to end "
             f"({res[1]['rows_s'] / n_cold:.2f}x the fresh plain process), {res[1]['steady_rows_s']:.0f} steady "
             f"({ratio_steady:.2f}x plain); 2 actors {res[2]['rows_s']:.0f} / {res[2]['steady_rows_s']:.0f}; start-up "
-            f"{startup:.1f} s; N={a.big_n} end to end: plain {a.big_n / big_plain:.0f} rows/s, 1 actor "
-            f"{big_rows / big_secs:.0f} rows/s ({big_ratio:.2f}x); memory {mem[0]['n']}→{mem[1]['n']}: driver "
+            f"{startup:.1f} s; N={a.big_n} end to end: plain {a.big_n / big_plain:.0f} rows/s, `loft-dist score` "
+            f"{big_rows / big_secs:.0f} rows/s ({big_ratio:.2f}x), {big_rows} rows = distinct ids, first chunk committed "
+            f"{cli['first_commit_s']:.1f} s after the command; memory {mem[0]['n']}→{mem[1]['n']}: driver "
             f"{mem[0]['driver_peak_mb']:.0f}→{mem[1]['driver_peak_mb']:.0f} MB "
             f"({mem[1]['driver_peak_mb'] / mem[0]['driver_peak_mb']:.2f}x), actor "
             f"{mem[0]['actor_peak_mb']:.0f}→{mem[1]['actor_peak_mb']:.0f} MB "
@@ -179,7 +180,7 @@ def main() -> int:
     if not a.no_record:
         body = f"""
 Tiny open_clip ViT (random init) at 32 px, generated 32 px PNGs in zstd Parquet shards of {ROWS_PER_SHARD} rows (a
-prepared pool's shard size), zero-shot scoring, batch 512, the job's default chunking (64 shards per chunk). The
+prepared pool's shard size), zero-shot scoring, batch 512, the job's default chunking (scoring.rows_per_chunk). The
 plain loop is the same decode function and Scorer class in one process; *in process* times its loop alone,
 *fresh process* a whole `python` run of it (torch + open_clip import and model build included, as the job's actor
 pays them). "Steady" excludes the job's start-up (measured as the time to score one shard: {startup:.1f} s; Ray
@@ -193,20 +194,25 @@ itself was started before, in {ray_init:.1f} s, and is not counted on either sid
 | actor pool, 1 actor (0.5 CPU, 1 torch thread) | {res[1]['rows_s']:.0f} ({res[1]['rows_s'] / n_cold:.2f}x fresh plain) | {res[1]['steady_rows_s']:.0f} | **{ratio_steady:.2f}x** |
 | actor pool, 2 actors | {res[2]['rows_s']:.0f} ({res[2]['rows_s'] / n_cold:.2f}x fresh plain) | {res[2]['steady_rows_s']:.0f} | {res[2]['steady_rows_s'] / plain2:.2f}x |
 
-A pool of {a.big_n:,} images ({shards(a.big_n)} shards, {math.ceil(shards(a.big_n) / 64)} chunks), end to end, each side from a fresh process:
+A pool of {a.big_n:,} images ({shards(a.big_n)} shards, {math.ceil(a.big_n / 50_000)} chunks of 50,000 rows), end to end, each side from
+a fresh process: the plain loop as a script, and `loft-dist score` as a user runs it (its own Ray start included):
 
 | path | seconds | rows/s | ratio |
 |---|---:|---:|---:|
 | plain PyTorch loop, 2 threads | {big_plain:.1f} | {a.big_n / big_plain:.0f} | 1.00x |
-| actor pool, 1 actor | {big_secs:.1f} | {big_rows / big_secs:.0f} | **{big_ratio:.2f}x** |
+| `loft-dist score` (1 actor) | {big_secs:.1f} | {big_rows / big_secs:.0f} | **{big_ratio:.2f}x** |
 
-Memory, scoring N and 10N images with 1 actor (peak RSS, sampled every 0.2 s):
+`loft-dist score` wrote {big_rows:,} rows, {cli['distinct']:,} distinct ids; its first chunk was committed
+{cli['first_commit_s']:.1f} s after the command.
+
+Memory of `loft-dist score` (1 actor) on {mem[0]['n']:,} and {mem[1]['n']:,} images (peak RSS of the command's process and of
+the Scorer actor, sampled every 0.2 s):
 
 | images | seconds | driver peak MB | actor peak MB |
 |---:|---:|---:|---:|
 | {mem[0]['n']} | {mem[0]['seconds']:.1f} | {mem[0]['driver_peak_mb']:.0f} | {mem[0]['actor_peak_mb']:.0f} |
 | {mem[1]['n']} | {mem[1]['seconds']:.1f} | {mem[1]['driver_peak_mb']:.0f} | {mem[1]['actor_peak_mb']:.0f} |
-| ratio 10N/N | | {mem[1]['driver_peak_mb'] / mem[0]['driver_peak_mb']:.2f} | {mem[1]['actor_peak_mb'] / max(mem[0]['actor_peak_mb'], 1):.2f} |
+| ratio | | {mem[1]['driver_peak_mb'] / mem[0]['driver_peak_mb']:.2f} | {mem[1]['actor_peak_mb'] / max(mem[0]['actor_peak_mb'], 1):.2f} |
 
 Result line: `{line}`
 """

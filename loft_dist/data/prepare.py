@@ -351,9 +351,12 @@ def _write_split(sources: dict, rows: np.ndarray, root: str, split: str, d: Data
         if parallel:
             import ray.data
 
+            # About 4 tasks per CPU, each writing a run of groups: a task per 256-row group spent more on its start
+            # (and on fetching the sources' file list) than on its files.
+            per_task = max(1, -(-len(groups) // (4 * int(ray.cluster_resources().get("CPU", 1)))))
             ds = ray.data.from_items([{"group": g, "rows": r} for g, r in zip(items["group"], items["rows"])],
-                                     override_num_blocks=len(groups))
-            done = ds.map_batches(write_group, batch_size=1, fn_kwargs={"sources": ray.put(sources), **kwargs})
+                                     override_num_blocks=-(-len(groups) // per_task))
+            done = ds.map_batches(write_group, batch_size=per_task, fn_kwargs={"sources": ray.put(sources), **kwargs})
             results = done.take_all()
         else:
             out = write_group(items, sources, **kwargs)
