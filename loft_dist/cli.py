@@ -58,10 +58,60 @@ def _parser() -> argparse.ArgumentParser:
                                                                "(default: the config default)")
     gal.add_argument("--c-ood", type=float, default=None, help="the algorithm.c_ood the table was scored with "
                                                               "(default: the config default)")
+    st = sub.add_parser("standin", help="build the CLIP stand-in (NOT CLIP: a tiny open_clip model trained here on a "
+                                        "reserved part of the digits with noisy captions); model.pretrained=standin")
+    st.add_argument("--out", default=None, help="the .safetensors to write (default: the cache file that "
+                                                "model.pretrained=standin names)")
+    st.add_argument("--seed", type=int, default=None, help="builder seed (default 0)")
+    st.add_argument("--steps", type=int, default=None, help="training steps (default: the tuned setting)")
+    st.add_argument("--wrong-caption-share", type=float, default=None,
+                    help="share of images whose captions name a wrong class (default: the tuned setting)")
     cmp_ = sub.add_parser("compare", help="side-by-side table and bar plot of the final rounds of several runs")
     cmp_.add_argument("run_dirs", nargs="+")
     cmp_.add_argument("--out", required=True, help="directory for compare.md, compare.json, compare.png")
     return p
+
+
+def build_standin_file(settings, out) -> dict:
+    """The stand-in trained on the embedded dataset's reserved digits (decoded and resized as the clean view gives
+    every evaluated image) and written to `out`; its state dict."""
+    import torch
+
+    from loft_dist.data.embedded import reserved_digits
+    from loft_dist.data.transforms import build_view, decode_image
+    from loft_dist.models.standin import save_standin, train_standin
+
+    src = reserved_digits()
+    view = build_view("clean", settings.image_size, hflip=False)
+    pixels = view.batch([decode_image(src.encoded(i)) for i in range(len(src))])
+    state = train_standin(torch.from_numpy(pixels), src.labels, src.class_names, settings)
+    save_standin(state, out, settings)
+    return state
+
+
+def _standin(args) -> int:
+    import dataclasses
+    import time
+
+    from loft_dist.models.standin import NOTICE, StandinSettings, standin_path
+
+    given = {"seed": args.seed, "steps": args.steps, "wrong_caption_share": args.wrong_caption_share}
+    settings = dataclasses.replace(StandinSettings(), **{k: v for k, v in given.items() if v is not None})
+    out = args.out or str(standin_path(settings))
+    t0 = time.time()
+    build_standin_file(settings, out)
+    use = "model.pretrained=standin" if out == str(standin_path()) else f"model.pretrained={out}"
+    print(f"done: {out} in {time.time() - t0:.1f} s ({NOTICE}); use it with {use}")
+    return 0
+
+
+def _ensure_standin(cfg) -> None:
+    """model.pretrained=standin: build the cached stand-in here, once, before any actor or worker loads it."""
+    from loft_dist.models.standin import STANDIN, StandinSettings, standin_path
+
+    if cfg.model.pretrained == STANDIN and not standin_path().is_file():
+        logging.getLogger(__name__).info("building the CLIP stand-in (not CLIP) into %s", standin_path())
+        build_standin_file(StandinSettings(), standin_path())
 
 
 def _report(args) -> int:
@@ -171,7 +221,7 @@ def _run(cfg) -> int:
 
 
 RUN_DIR_COMMANDS = {"report": _report, "export": _export, "predict": _predict, "compare": _compare,
-                    "evaluate": _evaluate, "gallery": _gallery}
+                    "evaluate": _evaluate, "gallery": _gallery, "standin": _standin}
 CONFIG_COMMANDS = {"prepare": _prepare, "score": _score, "run": _run, "demo": _run}
 
 
@@ -196,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(getattr(args, "config", None), args.overrides)
         if cfg.run.s3_endpoint:  # read by pyarrow, boto3 and Ray's S3 client alike; init_ray forwards it to workers
             os.environ["AWS_ENDPOINT_URL_S3"] = cfg.run.s3_endpoint
+        if args.command != "prepare":
+            _ensure_standin(cfg)
         return CONFIG_COMMANDS[args.command](cfg)
     except LoftError as e:  # the user can fix it: one line; anything else is a bug and keeps its traceback
         print(f"loft-dist: error: {' '.join(str(e).split())}", file=sys.stderr)

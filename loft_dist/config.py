@@ -200,7 +200,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "loft-tiny-vit"  # any open_clip model name, or one of loft_dist/models/model_configs
-    pretrained: str = ""  # "" = random init; an open_clip tag (from the local cache) or a .pt/.bin/.safetensors file
+    # "" = random init; an open_clip tag (from the local cache), a .pt/.bin/.safetensors file, or "standin": a CLIP
+    # stand-in trained here on reserved digits with noisy captions, not CLIP (loft_dist/models/standin.py)
+    pretrained: str = ""
     head_scale: float = 25.0  # s of the cosine classifier
     prompt: str = "a photo of a {}."
     force_quick_gelu: bool = False  # OpenAI weights loaded from a file need QuickGELU

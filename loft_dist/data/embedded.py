@@ -1,16 +1,26 @@
 """The embedded default dataset: real handwritten digits (scikit-learn's wheel) as the ID classes,
-crops of the two photos scikit-learn ships plus generated textures as the out-of-distribution source."""
+crops of the two photos scikit-learn ships plus generated textures as the out-of-distribution source.
+
+RESERVED_PER_CLASS digits of each class (a fixed, seeded draw) are held back from `digits_source`, so no split
+`loft-dist prepare` writes ever holds them: they are the pretraining data of the CLIP stand-in
+(loft_dist/models/standin.py, `loft-dist standin`), which is trained here and is not CLIP.
+"""
 
 from __future__ import annotations
 
 import functools
 import io
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# 15 per class: the demo's protocol (n1=40, m1=80, 40 test per class) needs 160 of class 0's 178 images, so
+# at most 18 per class can be held back without shrinking its splits.
+RESERVED_PER_CLASS = 15
+RESERVED_SEED = 1797
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -34,6 +44,7 @@ class ArraySource:
     labels: np.ndarray
     class_names: list
     fmt: str = "png"
+    index: Optional[np.ndarray] = None  # each image's index in the original collection (origin names it); None = i
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -42,16 +53,44 @@ class ArraySource:
         return (_jpeg if self.fmt == "jpeg" else _png)(self.images[i])
 
     def origin(self, i: int) -> str:
-        return f"{self.name}:{i}"
+        return f"{self.name}:{i if self.index is None else int(self.index[i])}"
 
 
-def digits_source() -> ArraySource:
-    """1,797 real 8×8 grayscale digits, stored at their native size (decode resizes to the model's input)."""
+@functools.lru_cache(maxsize=1)
+def _all_digits() -> tuple:
+    """scikit-learn's 1,797 8×8 digits as uint8 images (0..16 scaled to 0..255) and their labels."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.clip(d.images / 16.0 * 255.0, 0, 255).astype(np.uint8)
-    return ArraySource("sklearn_digits", images, d.target.astype(np.int64), list(DIGIT_NAMES))
+    return images, d.target.astype(np.int64)
+
+
+def reserved_digit_indices() -> np.ndarray:
+    """The sorted indices (into scikit-learn's digits) held back for the stand-in's pretraining: RESERVED_PER_CLASS
+    of each class, drawn with RESERVED_SEED; the same on every machine."""
+    labels = _all_digits()[1]
+    rng = np.random.default_rng(RESERVED_SEED)
+    picks = [rng.choice(np.flatnonzero(labels == c), RESERVED_PER_CLASS, replace=False)
+             for c in range(len(DIGIT_NAMES))]
+    return np.sort(np.concatenate(picks))
+
+
+def _digits_subset(name: str, keep: np.ndarray) -> ArraySource:
+    images, labels = _all_digits()
+    return ArraySource(name, images[keep], labels[keep], list(DIGIT_NAMES), index=keep)
+
+
+def digits_source() -> ArraySource:
+    """The real 8×8 grayscale digits less the reserved ones (1,647 of 1,797), stored at their native size (decode
+    resizes to the model's input); origin names each image's index in scikit-learn's digits."""
+    keep = np.setdiff1d(np.arange(len(_all_digits()[1])), reserved_digit_indices())
+    return _digits_subset("sklearn_digits", keep)
+
+
+def reserved_digits() -> ArraySource:
+    """The held-back digits (reserved_digit_indices): only the stand-in builder reads them."""
+    return _digits_subset("sklearn_digits_reserved", reserved_digit_indices())
 
 
 @functools.lru_cache(maxsize=1)

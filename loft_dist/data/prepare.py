@@ -52,8 +52,13 @@ _NOT_CONTENT = ("root", "hflip")  # data keys that change no byte of the dataset
 
 def protocol_record(cfg: Config) -> dict:
     """Everything that decides the dataset's content; kept in dataset.json, a rebuild is skipped when it matches."""
+    from loft_dist.data.embedded import RESERVED_PER_CLASS
+
     d = dataclasses.asdict(cfg.data)
-    return {**{k: v for k, v in d.items() if k not in _NOT_CONTENT}, "seed": cfg.run.seed}
+    record = {**{k: v for k, v in d.items() if k not in _NOT_CONTENT}, "seed": cfg.run.seed}
+    if cfg.data.source == "embedded":  # a dataset prepared before the stand-in's digits were held back is stale
+        record["embedded_reserved_per_class"] = RESERVED_PER_CLASS
+    return record
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loft_dist.errors import ConfigError
+from loft_dist.models.standin import resolve_pretrained
 from loft_dist.models.weights import (MissingWeightsError, check_hub_source, hub_identifier, load_into,  # noqa: F401
                                       read_state_dict, tag_quick_gelu)
 
@@ -60,6 +61,7 @@ def is_weights_file(pretrained: str) -> bool:
 
 
 def check_weights_file(name: str, pretrained: str) -> None:
+    pretrained = resolve_pretrained(name, pretrained)
     if is_weights_file(pretrained) and not Path(pretrained).is_file():
         raise MissingWeightsError(
             f"model.pretrained={pretrained!r}: no such file. Place the {name} weights there (a .safetensors, "
@@ -69,9 +71,11 @@ def check_weights_file(name: str, pretrained: str) -> None:
 
 def create_clip(name: str, pretrained: str = "", force_quick_gelu: bool = False):
     """An open_clip model: random init (pretrained=""), a weights file of any format (models/weights.py), a hub
-    identifier or hub-layout dir, or a pretrained tag from the cache; offline, never unpickling code."""
+    identifier or hub-layout dir, a pretrained tag from the cache, or `standin` (the cached CLIP stand-in trained
+    here, models/standin.py; not CLIP); offline, never unpickling code."""
     import open_clip
 
+    pretrained = resolve_pretrained(name, pretrained)
     check_model_name(name, pretrained)
     hub = hub_identifier(name, pretrained)
     if hub:

@@ -1,0 +1,155 @@
+"""A pretrained stand-in for CLIP, made here. It is NOT CLIP: a tiny open_clip model (loft-tiny-vit) trained
+contrastively, with open_clip's own ClipLoss, on the part of scikit-learn's digits that the embedded dataset holds
+back (data/embedded.py `reserved_digits`: no labeled, pool or test image of `loft-dist prepare` is among them), with
+captions made from prompt templates of which a set share names a wrong class on purpose. Its zero-shot skill on the
+digits is therefore real but imperfect (about 55 % on the demo's test split), which lets the demo show the methods
+at work where a random backbone scores chance.
+
+It is not shipped as weights: `loft-dist standin` builds it in seconds on CPU, deterministically from
+StandinSettings, into a cache file named by a hash of the settings; `model.pretrained=standin` names that file (the
+config commands build it on first use) and it loads through models/weights.py like any safetensors state dict.
+The images come in as arguments (the data layer reads them), so this module needs nothing above models/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loft_dist.errors import ConfigError
+from loft_dist.models.weights import MissingWeightsError
+
+STANDIN = "standin"  # the model.pretrained value that names the cached stand-in
+TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "a photo of a {}.", "the number {}.",
+             "a drawing of the digit {}.", "a blurry photo of a {}.", "a scan of a handwritten {}.")
+NOTICE = ("CLIP stand-in trained here (loft_dist/models/standin.py) on a reserved part of scikit-learn's digits "
+          "with noisy captions; not CLIP")
+
+
+@dataclass(frozen=True)
+class StandinSettings:
+    """Everything that decides the stand-in's tensors (its cache file is named by their hash). The defaults are
+    tuned so that zero-shot accuracy on the demo's test split lands near 55 % (between 40 and 75 %)."""
+
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    wrong_caption_share: float = 0.4  # captions naming a random other class, fixed per image
+    model_name: str = "loft-tiny-vit"
+    image_size: int = 32
+    version: int = 1  # bumped when the builder's code changes what it trains
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    """$LOFT_DIST_CACHE, else $XDG_CACHE_HOME/loft_dist, else ~/.cache/loft_dist."""
+    if os.environ.get("LOFT_DIST_CACHE"):
+        return Path(os.environ["LOFT_DIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loft_dist"
+
+
+def standin_path(settings: StandinSettings = StandinSettings()) -> Path:
+    return cache_dir() / f"standin-{settings.digest()}.safetensors"
+
+
+def resolve_pretrained(name: str, pretrained: str) -> str:
+    """model.pretrained as a file: `standin` becomes the cached stand-in's path; anything else is returned as is."""
+    if pretrained != STANDIN:
+        return pretrained
+    settings = StandinSettings()
+    if name != settings.model_name:
+        raise ConfigError(f"model.pretrained=standin is a {settings.model_name} model; set model.name="
+                          f"{settings.model_name} (it is {name!r}) or use other weights")
+    path = standin_path(settings)
+    if not path.is_file():
+        raise MissingWeightsError(f"model.pretrained=standin: {path} is not built on this machine; run `loft-dist "
+                                  f"standin` (loft-dist run / demo / score build it by themselves); on a cluster "
+                                  f"build it with --out on storage every node reads and set model.pretrained to it")
+    return str(path)
+
+
+def caption_classes(labels: np.ndarray, num_classes: int, share: float, rng: np.random.Generator) -> np.ndarray:
+    """The class each image's captions name: its own, or for a `share` of the images a random other class."""
+    labels = np.asarray(labels, np.int64)
+    wrong = rng.random(len(labels)) < share
+    other = (labels + rng.integers(1, num_classes, len(labels))) % num_classes
+    return np.where(wrong, other, labels)
+
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random affine jitter (scale, rotation, shift): 150 digits must not be learnt by heart pixel for pixel.
+    Border padding, because the digits' background is their border colour."""
+    n = len(images)
+    scale = torch.empty(n).uniform_(0.85, 1.15, generator=gen)
+    angle = torch.empty(n).uniform_(-0.2, 0.2, generator=gen)
+    shift = torch.empty(n, 2).uniform_(-0.12, 0.12, generator=gen)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+def _caption_tokens(model, name: str, class_names: list[str]) -> torch.Tensor:
+    """Tokens of every template for every class, (C, T, context), tokenized as text_prototypes does."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(name, context_length=model.context_length)
+    return torch.stack([tokenizer([t.format(c) for t in TEMPLATES]) for c in class_names])
+
+
+def train_standin(images: torch.Tensor, labels: np.ndarray, class_names: list[str],
+                  settings: StandinSettings) -> dict[str, torch.Tensor]:
+    """The stand-in's state dict: the model trained with ClipLoss on (augmented image, noisy caption) batches.
+    `images` are normalized (N, 3, S, S) as the clean view gives them. Deterministic from settings.seed."""
+    from open_clip.loss import ClipLoss
+
+    from loft_dist.models.clip import create_clip
+
+    rng = np.random.default_rng(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        model = create_clip(settings.model_name)
+    tokens = _caption_tokens(model, settings.model_name, class_names)
+    captions = torch.from_numpy(caption_classes(labels, len(class_names), settings.wrong_caption_share, rng))
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.1)
+    warmup = max(1, settings.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, settings.steps) / settings.steps)))
+    loss_fn = ClipLoss()
+    model.train()
+    for _ in range(settings.steps):
+        idx = torch.from_numpy(rng.choice(len(images), min(settings.batch_size, len(images)), replace=False))
+        text = tokens[captions[idx], torch.from_numpy(rng.integers(0, len(TEMPLATES), len(idx)))]
+        image_features, text_features, logit_scale = model(augment(images[idx], gen), text)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_standin(state_dict: dict[str, torch.Tensor], path: str | Path, settings: StandinSettings) -> Path:
+    """Write the state dict as safetensors (metadata: the notice and the settings), atomically: a run that reads
+    the cache never sees half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(state_dict, str(tmp), metadata={"notice": NOTICE, "settings": json.dumps(dataclasses.asdict(settings))})
+    os.replace(tmp, path)
+    return path
