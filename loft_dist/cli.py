@@ -59,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     gal.add_argument("--c-ood", type=float, default=None, help="the algorithm.c_ood the table was scored with "
                                                               "(default: the config default)")
     st = sub.add_parser("standin", help="build the CLIP stand-in (NOT CLIP: a tiny open_clip model trained here on a "
-                                        "reserved part of the digits with noisy captions); model.pretrained=standin")
+                                        "reserved part of the digits with noisy captions); model.pretrained=standin",
+                        description="Build the CLIP stand-in. It is NOT CLIP: a tiny open_clip model (loft-tiny-vit) "
+                                    "trained here with open_clip's ClipLoss on 150 digits the embedded dataset holds "
+                                    "back from every split, with a share of its captions naming a wrong class on "
+                                    "purpose (docs/standin.md). model.pretrained=standin names the default build.")
     st.add_argument("--out", default=None, help="the .safetensors to write (default: the cache file that "
                                                 "model.pretrained=standin names)")
     st.add_argument("--seed", type=int, default=None, help="builder seed (default 0)")
@@ -109,7 +113,8 @@ def _ensure_standin(cfg) -> None:
     """model.pretrained=standin: build the cached stand-in here, once, before any actor or worker loads it."""
     from loft_dist.models.standin import STANDIN, StandinSettings, standin_path
 
-    if cfg.model.pretrained == STANDIN and not standin_path().is_file():
+    wanted = cfg.model.pretrained == STANDIN and cfg.model.name == StandinSettings().model_name  # else preflight says
+    if wanted and not standin_path().is_file():
         logging.getLogger(__name__).info("building the CLIP stand-in (not CLIP) into %s", standin_path())
         build_standin_file(StandinSettings(), standin_path())
 
