@@ -203,7 +203,9 @@ def model_card(meta: dict, cfg: dict, info: dict | None) -> str:
     lab = (info or {}).get("counts", {}).get("labeled") or []
     rows, ood = (info or {}).get("rows", {}), (info or {}).get("ood_counts", {})
     h = meta["metrics"]
-    backbone = (f"pretrained weights `{m['pretrained']}`" if m.get("pretrained")
+    from loft_dist.models.standin import describe_pretrained
+
+    backbone = (f"pretrained weights `{describe_pretrained(m['pretrained'])}`" if m.get("pretrained")
                 else f"random init, seed {m.get('init_seed')}: a demo model, not a useful classifier")
     lines = [
         f"# loft_dist model — {meta['run']['name']}, round {meta['round']}", "",

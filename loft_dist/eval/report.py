@@ -241,11 +241,13 @@ def _data_summary(info: dict | None, cfg: dict) -> list[str]:
     a, m, p = cfg.get("algorithm") or {}, cfg.get("model") or {}, cfg.get("peft") or {}
     if a:
         from loft_dist.algorithms import METHODS
+        from loft_dist.models.standin import describe_pretrained
 
         summary = METHODS[a["name"]].summary if a.get("name") in METHODS else a.get("name")
         lines.append(f"Method: `{a.get('name')}` — {summary}. This run: c_hard {a.get('c_hard')}, c_ood "
                      f"{a.get('c_ood')}, zero-shot filter {'on' if a.get('zs_filter') else 'off'}; model "
-                     f"{m.get('name')} ({m.get('pretrained') or 'random init'}), peft.method {p.get('method')}; "
+                     f"{m.get('name')} ({describe_pretrained(m.get('pretrained') or 'random init')}), peft.method "
+                     f"{p.get('method')}; "
                      f"{(cfg.get('rounds') or {}).get('num_rounds', '–')} rounds.")
     return lines
 

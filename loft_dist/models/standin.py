@@ -79,6 +79,11 @@ def resolve_pretrained(name: str, pretrained: str) -> str:
     return str(path)
 
 
+def describe_pretrained(pretrained: str) -> str:
+    """model.pretrained as reports and model cards show it: `standin` says what it is, since it is not CLIP."""
+    return f"standin: {NOTICE}" if pretrained == STANDIN else pretrained
+
+
 def caption_classes(labels: np.ndarray, num_classes: int, share: float, rng: np.random.Generator) -> np.ndarray:
     """The class each image's captions name: its own, or for a `share` of the images a random other class."""
     labels = np.asarray(labels, np.int64)
