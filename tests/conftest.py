@@ -91,9 +91,12 @@ def _shared_ray_group(item) -> int:
 
 def pytest_itemcollected(item):
     """Before -m selects: a test that starts or uses a shared Ray is slow, one on the S3 server is s3, marked or
-    not."""
-    if _shared_ray_group(item):
+    not. The tests of each shared Ray form one xdist group, so that under `-n 2 --dist loadgroup` (pyproject's
+    addopts) that Ray starts once, in one test process, and its last user there shuts it down."""
+    group = _shared_ray_group(item)
+    if group:
         item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(SHARED_RAY[group - 1]))
     if "s3_server" in item.fixturenames:
         item.add_marker(pytest.mark.s3)
 

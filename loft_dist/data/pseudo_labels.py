@@ -258,5 +258,13 @@ def class_statistics(table_dir: str | Path, num_classes: int) -> dict[str, list[
 
 
 def pool_decisions(table_dir: str | Path) -> dict[str, int]:
-    dec = read_columns(table_dir, ["decision"])["decision"]
-    return {d: int((dec == d).sum()) for d in DECISIONS}
+    """How many rows of a complete table got each decision, counted file by file in Arrow: the driver never holds
+    the column (a million Python strings were ~70 MB of its memory)."""
+    import pyarrow.compute as pc
+
+    counts = dict.fromkeys(DECISIONS, 0)
+    for f in table_files(table_dir):
+        column = pq.read_table(storage.open_input(f), columns=["decision"]).column("decision")
+        for row in pc.value_counts(column).to_pylist():
+            counts[row["values"]] = counts.get(row["values"], 0) + int(row["counts"])
+    return counts
