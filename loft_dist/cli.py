@@ -16,7 +16,8 @@ def _setup_logging() -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loft-dist", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the embedded tiny run (offline, minutes on 2 CPU cores)")
+    demo = sub.add_parser("demo", help="the embedded tiny run from the CLIP stand-in (offline, minutes on 2 CPU "
+                                       "cores): `run` with the defaults and model.pretrained=standin")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds.num_rounds=1")
     for name, help_ in (("prepare", "build the sharded Parquet dataset of a config"),
                         ("run", "run or resume all rounds of a config"),
@@ -78,17 +79,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_standin_file(settings, out) -> dict:
     """The stand-in trained on the embedded dataset's reserved digits (decoded and resized as the clean view gives
-    every evaluated image) and written to `out`; its state dict."""
+    every evaluated image) and generated OOD images of another seed than any demo split, written to `out`; its
+    state dict."""
+    import numpy as np
     import torch
 
-    from loft_dist.data.embedded import reserved_digits
+    from loft_dist.data.embedded import OOD_KINDS, ood_source, reserved_digits
     from loft_dist.data.transforms import build_view, decode_image
     from loft_dist.models.standin import save_standin, train_standin
 
     src = reserved_digits()
+    ood = ood_source(settings.ood_images, settings.ood_seed, size=src.images.shape[1])  # the digits' native side
     view = build_view("clean", settings.image_size, hflip=False)
-    pixels = view.batch([decode_image(src.encoded(i)) for i in range(len(src))])
-    state = train_standin(torch.from_numpy(pixels), src.labels, src.class_names, settings)
+
+    def pixels(s):
+        return torch.from_numpy(view.batch([decode_image(s.encoded(i)) for i in range(len(s))]))
+
+    state = train_standin(pixels(src), src.labels, src.class_names, settings, pixels(ood),
+                          np.array([ood.kind(i) for i in range(len(ood))]), OOD_KINDS)
     save_standin(state, out, settings)
     return state
 
@@ -248,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in RUN_DIR_COMMANDS:
             return RUN_DIR_COMMANDS[args.command](args)
-        cfg = load_config(getattr(args, "config", None), args.overrides)
+        # The demo starts from the stand-in (docs/standin.md), whose zero-shot skill is real, not from random weights
+        demo = ["model.pretrained=standin"] if args.command == "demo" else []
+        cfg = load_config(getattr(args, "config", None), demo + args.overrides)
         if cfg.run.s3_endpoint:  # read by pyarrow, boto3 and Ray's S3 client alike; init_ray forwards it to workers
             os.environ["AWS_ENDPOINT_URL_S3"] = cfg.run.s3_endpoint
         if args.command != "prepare":

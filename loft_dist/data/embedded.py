@@ -134,6 +134,13 @@ class GeneratedOOD:
     def encoded(self, i: int) -> bytes:
         return _png(self.image(int(i)))
 
+    def kind(self, i: int) -> int:
+        """What image i shows, as an index into OOD_KINDS: which photo it was cropped from, or its texture's
+        pattern (the stand-in's captions name it)."""
+        if i % 2 == 0:
+            return i // 2 % 2  # load_sample_images' order: china.jpg (a temple), flower.jpg
+        return 2 + _texture_kind(np.random.default_rng([self.seed, i]))
+
     def origin(self, i: int) -> str:
         return f"{self.name}:seed={self.seed}:{i}"
 
@@ -143,9 +150,18 @@ def ood_source(count: int, seed: int, size: int = 32) -> GeneratedOOD:
     return GeneratedOOD(count, seed, size)
 
 
+# What a GeneratedOOD image shows (GeneratedOOD.kind): the two photos, then the three texture patterns of _texture.
+OOD_KINDS = ["temple", "flower", "striped pattern", "checkerboard", "color blob"]
+
+
+def _texture_kind(rng: np.random.Generator) -> int:
+    """The texture's pattern: the first draw of the image's generator (_texture draws it the same way)."""
+    return int(rng.integers(0, 3))
+
+
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    kind = rng.integers(0, 3)
+    kind = _texture_kind(rng)
     if kind == 0:  # oriented stripes
         theta, freq = rng.uniform(0, np.pi), rng.uniform(0.2, 1.2)
         base = np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy))

@@ -347,17 +347,20 @@ def _section_ood(rep: _Report) -> None:
 
 def _section_pseudo_labels(rep: _Report) -> None:
     rep.lines += ["", "## Pseudo-labels of the pool, per round", "",
-                  "| round | hard | soft | rejected (MSP ≤ c_ood) | OOD (zero-shot filter) | coverage | precision | OOD admitted |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| round | hard | soft | rejected (MSP ≤ c_ood) | OOD (zero-shot filter) | coverage | precision | "
+                  "hard precision | soft precision | OOD admitted |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
     for m in rep.rounds:
         p = m.get("pseudo_labels")
         if p:
             c = p["counts"]
             rep.lines.append(f"| {m['round']} | {c['hard']} | {c['soft']} | {c['rejected']} | {c['ood']} | "
                              f"{_pct(p.get('coverage'))} | {_pct(p.get('precision'))} | "
+                             f"{_pct(p.get('hard_precision'))} | {_pct(p.get('soft_precision'))} | "
                              f"{p.get('ood_admitted', '–')} / {p.get('ood_total', '–')} |")
     rep.lines += ["", "Coverage = accepted ID images / ID images in the pool; precision = right / accepted, an "
-                  "admitted OOD image counting as wrong; – = nothing accepted."]
+                  "admitted OOD image counting as wrong, and the same among the hard and the soft ones; – = nothing accepted. "
+                  "Round r's table is what round r + 1 trains on."]
     from loft_dist.algorithms import METHODS
 
     a = rep.cfg.get("algorithm") or {}
