@@ -16,8 +16,7 @@ def _setup_logging() -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loft-dist", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the embedded tiny run from the CLIP stand-in (offline, minutes on 2 CPU "
-                                       "cores): `run` with the defaults and model.pretrained=standin")
+    demo = sub.add_parser("demo", help="`run` of the defaults from the CLIP stand-in (offline, minutes on 2 cores)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds.num_rounds=1")
     for name, help_ in (("prepare", "build the sharded Parquet dataset of a config"),
                         ("run", "run or resume all rounds of a config"),
@@ -59,22 +58,26 @@ def _parser() -> argparse.ArgumentParser:
                                                                "(default: the config default)")
     gal.add_argument("--c-ood", type=float, default=None, help="the algorithm.c_ood the table was scored with "
                                                               "(default: the config default)")
+    _standin_parser(sub)
+    cmp_ = sub.add_parser("compare", help="side-by-side table and bar plot of the final rounds of several runs")
+    cmp_.add_argument("run_dirs", nargs="+")
+    cmp_.add_argument("--out", required=True, help="directory for compare.md, compare.json, compare.png")
+    return p
+
+
+def _standin_parser(sub) -> None:
     st = sub.add_parser("standin", help="build the CLIP stand-in (NOT CLIP: a tiny open_clip model trained here on a "
                                         "reserved part of the digits with noisy captions); model.pretrained=standin",
                         description="Build the CLIP stand-in. It is NOT CLIP: a tiny open_clip model (loft-tiny-vit) "
                                     "trained here with open_clip's ClipLoss on 150 digits the embedded dataset holds "
-                                    "back from every split, with a share of its captions naming a wrong class on "
+                                    "back from every split and 150 generated OOD images, with captions wrong on "
                                     "purpose (docs/standin.md). model.pretrained=standin names the default build.")
     st.add_argument("--out", default=None, help="the .safetensors to write (default: the cache file that "
                                                 "model.pretrained=standin names)")
     st.add_argument("--seed", type=int, default=None, help="builder seed (default 0)")
     st.add_argument("--steps", type=int, default=None, help="training steps (default: the tuned setting)")
     st.add_argument("--wrong-caption-share", type=float, default=None,
-                    help="share of images whose captions name a wrong class (default: the tuned setting)")
-    cmp_ = sub.add_parser("compare", help="side-by-side table and bar plot of the final rounds of several runs")
-    cmp_.add_argument("run_dirs", nargs="+")
-    cmp_.add_argument("--out", required=True, help="directory for compare.md, compare.json, compare.png")
-    return p
+                    help="share of digits whose captions name a random wrong class (default: the tuned setting)")
 
 
 def build_standin_file(settings, out) -> dict:

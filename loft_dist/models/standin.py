@@ -2,7 +2,7 @@
 contrastively, with open_clip's own ClipLoss, on the part of scikit-learn's digits that the embedded dataset holds
 back (data/embedded.py `reserved_digits`: no labeled, pool or test image of `loft-dist prepare` is among them), with
 captions made from prompt templates of which a set share names a wrong class on purpose. Its zero-shot skill on the
-digits is therefore real but imperfect (about 55 % on the demo's test split), which lets the demo show the methods
+digits is therefore real but imperfect (55.8 % on the demo's test split), which lets the demo show the methods
 at work where a random backbone scores chance.
 
 It is not shipped as weights: `loft-dist standin` builds it in seconds on CPU, deterministically from
@@ -31,7 +31,7 @@ STANDIN = "standin"  # the model.pretrained value that names the cached stand-in
 TEMPLATES = ("a photo of the digit {}.", "a handwritten {}.", "a photo of a {}.", "the number {}.",
              "a drawing of the digit {}.", "a blurry photo of a {}.", "a scan of a handwritten {}.")
 NOTICE = ("CLIP stand-in trained here (loft_dist/models/standin.py) on a reserved part of scikit-learn's digits "
-          "with noisy captions; not CLIP")
+          "and generated OOD images, with captions wrong on purpose; not CLIP")
 
 
 @dataclass(frozen=True)

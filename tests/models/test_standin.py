@@ -92,7 +92,7 @@ def zero_shot(weights: str) -> tuple[float, float]:
 
     cfg = load_config(TINY, [f"model.pretrained={weights}", "peft.method=none"])
     plan = plan_splits(cfg)
-    src, ood = plan.test_source, embedded.ood_source(200, seed=cfg.data.seed + 1, size=8)
+    src, ood = plan.test_source, embedded.ood_source(200, seed=cfg.run.seed + 1, size=8)
     view = build_view("clean", cfg.data.image_size, hflip=False)
     x = torch.from_numpy(view.batch([decode_image(src.encoded(int(i))) for i in plan.test_idx]))
     xo = torch.from_numpy(view.batch([decode_image(ood.encoded(i)) for i in range(len(ood))]))
