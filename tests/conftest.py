@@ -4,7 +4,8 @@ killed driver, the multi-node tests); and the order and markers that keep each o
 
 Order (pytest_collection_modifyitems): modules that use no shared Ray first, then those that use `ray_session`, then
 those that use `ray_cluster`; the original order within each group. Each shared Ray is shut down right after the last
-test that uses it, so at most one of them runs at a time and neither idles beside unrelated tests.
+test that uses it, so that it never idles beside unrelated tests. Under pytest-xdist (pyproject's `-n 2 --dist
+loadgroup`) the tests of each shared Ray are one xdist group: each Ray starts in one test process only.
 Every test that uses either is marked `slow` (the fast tier, `-m "not slow"`, starts no Ray at all).
 """
 
