@@ -10,6 +10,7 @@ import numpy as np
 from loft_dist import storage
 from loft_dist.data.pseudo_labels import is_complete, read_columns
 from loft_dist.eval.metrics import classification_metrics, ood_metrics, pseudo_label_metrics
+from loft_dist.models.standin import zero_shot_label
 
 PREDICTION_COLUMNS = ["true_label", "pred", "msp", "error"]
 
@@ -35,7 +36,7 @@ def evaluate_round(cfg, layout: storage.RunLayout, round_idx: int, *, classes: l
     test, ood = prediction_metrics(cfg, layout.predictions(r, "test"), labeled_counts, layout.predictions(r, "ood_test"))
     metrics = {
         "round": round_idx,
-        "model": "zero-shot CLIP" if mode == "zero_shot" else f"checkpoint of round {round_idx}",
+        "model": zero_shot_label(cfg.model.pretrained) if mode == "zero_shot" else f"checkpoint of round {round_idx}",
         "test": test,
     }
     if ood is not None:

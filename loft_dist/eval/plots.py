@@ -75,7 +75,7 @@ def accuracy_by_round(path, rounds: list[int], overall: dict[str, list], groups:
             if not drawn:  # keeps the empty group visible in the legend, with its reason
                 ax.plot([], [], color=colors[name], ls=":", label=group_labels.get(name, name))
         ax.set_title(f"Test accuracy {title}")
-        ax.set_xlabel("round (0 = zero-shot CLIP)")
+        ax.set_xlabel("round (0 = zero-shot)")
         ax.set_xticks(rounds)
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)

@@ -19,6 +19,7 @@ import numpy as np
 from loft_dist import storage
 from loft_dist.data.pseudo_labels import is_complete, read_columns, table_files
 from loft_dist.data.quarantine import quarantined_counts
+from loft_dist.models.standin import zero_shot_label
 from loft_dist.data.store import find_dataset_info, find_dataset_root, load_run_config, split_exists
 from loft_dist.errors import StorageError
 from loft_dist.eval import plots
@@ -255,7 +256,8 @@ def _data_summary(info: dict | None, cfg: dict) -> list[str]:
 def _section_accuracy(rep: _Report) -> list[str]:
     """The accuracy table of every round and its figure; returns the empty groups of the final round."""
     rep.lines += ["Accuracy in % on the test split; groups by labeled count (many / medium / few) and by frequency "
-                  "tertiles (head / mid / tail). Round 0 is zero-shot CLIP.", "",
+                  f"tertiles (head / mid / tail). Round 0 is "
+                  f"{zero_shot_label((rep.cfg.get('model') or {}).get('pretrained', ''))}.", "",
                   "| round | model | acc | balanced | macro-F1 | many | medium | few | head | mid | tail | ECE | AUROC (MSP) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in rep.rounds:

@@ -91,6 +91,11 @@ def describe_pretrained(pretrained: str) -> str:
     return f"standin: {NOTICE}" if pretrained == STANDIN else pretrained
 
 
+def zero_shot_label(pretrained: str) -> str:
+    """What reports call round 0's model: zero-shot CLIP, or for the stand-in, plainly not CLIP."""
+    return "zero-shot of the CLIP stand-in (not CLIP)" if pretrained == STANDIN else "zero-shot CLIP"
+
+
 def caption_classes(labels: np.ndarray, num_classes: int, share: float, rng: np.random.Generator) -> np.ndarray:
     """The class each image's captions name: its own, or for a `share` of the images a random other class."""
     labels = np.asarray(labels, np.int64)

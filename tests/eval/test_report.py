@@ -215,3 +215,15 @@ def test_a_failing_figure_is_a_note_not_a_crash(tmp_path, monkeypatch):
     md, summary, pngs = check_report(run)
     assert "reliability.png" not in pngs and "reliability.png could not be drawn" in md
     assert "## Calibration" in md and len(pngs) == len(PLOTS) - 1
+
+
+def test_report_says_round_0_of_the_stand_in_is_not_clip(tmp_path):
+    """model.pretrained=standin is a stand-in trained here: the report never calls its zero-shot round CLIP."""
+    run = make_run(tmp_path / "exp")
+    write_report(run)
+    assert "Round 0 is zero-shot CLIP." in (run / "report" / "report.md").read_text()
+    cfg = load_config(None, [f"run.name={run.name}", "model.pretrained=standin"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    write_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "Round 0 is zero-shot of the CLIP stand-in (not CLIP)." in md and "zero-shot CLIP." not in md
