@@ -19,11 +19,11 @@ import numpy as np
 from loft_dist import storage
 from loft_dist.data.pseudo_labels import is_complete, read_columns, table_files
 from loft_dist.data.quarantine import quarantined_counts
-from loft_dist.models.standin import zero_shot_label
 from loft_dist.data.store import find_dataset_info, find_dataset_root, load_run_config, split_exists
 from loft_dist.errors import StorageError
 from loft_dist.eval import plots
 from loft_dist.eval.gallery import write_gallery
+from loft_dist.models.standin import describe_pretrained, zero_shot_label
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,6 @@ def _data_summary(info: dict | None, cfg: dict) -> list[str]:
     a, m, p = cfg.get("algorithm") or {}, cfg.get("model") or {}, cfg.get("peft") or {}
     if a:
         from loft_dist.algorithms import METHODS
-        from loft_dist.models.standin import describe_pretrained
 
         summary = METHODS[a["name"]].summary if a.get("name") in METHODS else a.get("name")
         lines.append(f"Method: `{a.get('name')}` — {summary}. This run: c_hard {a.get('c_hard')}, c_ood "

@@ -160,8 +160,8 @@ def train_standin(images: torch.Tensor, labels: np.ndarray, class_names: list[st
     confused = (rng.random(len(truth)) < settings.confusion_share) & np.isin(truth, list(partner))
     confused[len(labels):] = False
     captions[confused] = [partner[int(c)] for c in truth[confused]]
-    captions = torch.from_numpy(captions)
-    is_ood = torch.from_numpy(truth >= len(class_names))
+    captions, truth = torch.from_numpy(captions), torch.from_numpy(truth)
+    is_ood = truth >= len(class_names)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.1)
     warmup = max(1, settings.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -170,7 +170,7 @@ def train_standin(images: torch.Tensor, labels: np.ndarray, class_names: list[st
     model.train()
     for _ in range(settings.steps):
         idx = torch.from_numpy(rng.choice(len(images), min(settings.batch_size, len(images)), replace=False))
-        cap = torch.where(is_ood[idx], torch.from_numpy(truth)[idx], captions[idx])
+        cap = torch.where(is_ood[idx], truth[idx], captions[idx])
         redraw = is_ood[idx] & torch.from_numpy(rng.random(len(idx)) < settings.ood_caption_noise)
         other = (cap + torch.from_numpy(rng.integers(1, len(names), len(idx)))) % len(names)
         text = tokens[torch.where(redraw, other, cap), torch.from_numpy(rng.integers(0, len(TEMPLATES), len(idx)))]
