@@ -27,9 +27,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 CHANCE = 0.10
 MIN_ACCURACY = 0.17
 # The labeled part of the loss (loss_s: logit-adjusted CE, the one term every epoch of every round shares; the soft
-# term is bounded below by the entropy of a random teacher's near-uniform targets), last epoch of the last round
-# over the first epoch of round 1: measured 0.786 (union stream: 0.747 and 0.734).
-MAX_LOSS_RATIO = 0.85
+# term is bounded below by the entropy of a random teacher's near-uniform targets): the mean of the last round's last
+# LOSS_SPAN epochs over the mean of round 1's first LOSS_SPAN epochs. One epoch is 20 steps a worker, and its mean
+# moves by up to 0.25 from run to run (round 1's first epoch: 2.44 and 2.20 in two runs); a single epoch against a
+# single epoch measured 0.73-0.87, so the spans average that out. Measured with spans of 3: 0.79.
+LOSS_SPAN = 3
+MAX_LOSS_RATIO = 0.9
 
 
 @pytest.fixture(autouse=True)
@@ -106,10 +109,11 @@ def test_the_run_learns(tiny_run):
     last = cfg.rounds.num_rounds
     acc = json.loads((run_dir / "rounds" / f"r{last}" / "metrics.json").read_text())["test"]["accuracy"]
     assert acc >= MIN_ACCURACY, f"final test accuracy {acc:.4f} (chance {CHANCE}; measured 0.24, 0.2275)"
-    first = json.loads((run_dir / "rounds" / "r1" / "train_metrics.json").read_text())["loss_by_epoch"]["loss_s"][0]
+    first = json.loads((run_dir / "rounds" / "r1" / "train_metrics.json").read_text())["loss_by_epoch"]["loss_s"]
     final = json.loads((run_dir / "rounds" / f"r{last}" / "train_metrics.json").read_text())["loss_by_epoch"]["loss_s"]
-    assert len(final) == EPOCHS
-    assert final[-1] <= MAX_LOSS_RATIO * first, f"labeled loss {first:.4f} (first epoch) -> {final[-1]:.4f} (last)"
+    assert len(first) == len(final) == EPOCHS
+    start, end = sum(first[:LOSS_SPAN]) / LOSS_SPAN, sum(final[-LOSS_SPAN:]) / LOSS_SPAN
+    assert end <= MAX_LOSS_RATIO * start, f"labeled loss by epoch: round 1 {first}, round {last} {final}"
 
 
 def test_mlflow_holds_params_and_per_round_metrics(tiny_run):
