@@ -192,7 +192,7 @@ def _gallery(args) -> int:
 
 
 def _compare(args) -> int:
-    from loft_dist.eval.report import compare_runs
+    from loft_dist.eval.compare import compare_runs
 
     compare_runs(args.run_dirs, args.out)
     print(os.path.join(args.out, "compare.md"))

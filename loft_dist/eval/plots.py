@@ -259,8 +259,10 @@ def confusion_worst(path, row_names: list[str], col_names: list[str], shares: np
     return _save(fig, path)
 
 
-def compare_bars(path, run_names: list[str], metrics: list[str], values: list[list]) -> Path:
-    """Grouped bars: one group per metric, one bar per run; a missing value is marked "–" at the baseline."""
+def compare_bars(path, run_names: list[str], metrics: list[str], values: list[list], errors: list[list] | None = None,
+                 ) -> Path:
+    """Grouped bars: one group per metric, one bar per run (or setup, with `errors` as error bars); a missing value
+    is marked "–" at the baseline."""
     fig = _figure(min(16.0, max(8.0, 0.3 * len(metrics) * max(1, len(run_names)) + 3)), 4.5)
     ax = fig.subplots()
     x = np.arange(len(metrics))
@@ -268,7 +270,8 @@ def compare_bars(path, run_names: list[str], metrics: list[str], values: list[li
     for i, (name, row) in enumerate(zip(run_names, values)):
         vals = _pct(row)
         pos = x - 0.4 + width * (i + 0.5)
-        ax.bar(pos[~np.isnan(vals)], vals[~np.isnan(vals)], width=width, label=name)
+        err = None if errors is None else np.nan_to_num(_pct(errors[i]))[~np.isnan(vals)]
+        ax.bar(pos[~np.isnan(vals)], vals[~np.isnan(vals)], width=width, label=name, yerr=err, capsize=2)
         for p in pos[np.isnan(vals)]:
             ax.text(p, 1, "–", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(x)

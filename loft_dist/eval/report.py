@@ -44,7 +44,7 @@ CONFUSIONS_PER_CLASS = 3
 HIST_BINS = np.linspace(0.0, 1.0, 41)  # score histograms: 40 bins of 0.025
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
@@ -53,14 +53,14 @@ def load_rounds(run_dir: str | Path) -> list[dict]:
     return [storage.read_json(lay.metrics(r)) for r in lay.rounds() if storage.is_file(lay.metrics(r))]
 
 
-def _finite(obj):
+def finite(obj):
     """Non-finite floats → None, so a metrics.json written by hand or by older code cannot put NaN in the report."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
@@ -262,10 +262,10 @@ def _section_accuracy(rep: _Report) -> list[str]:
     for m in rep.rounds:
         t, g, tt = m["test"], m["test"]["groups"], m["test"]["tertiles"]
         auroc = m.get("ood_test", {}).get("auroc")
-        rep.lines.append(f"| {m['round']} | {m['model']} | {_pct(t['accuracy'])} | {_pct(t['balanced_accuracy'])} | "
-                         f"{_pct(t['macro_f1'])} | " + " | ".join(_pct(g[k]['accuracy']) for k in GROUPS)
-                         + " | " + " | ".join(_pct(tt[k]['accuracy']) for k in TERTILES)
-                         + f" | {_pct(t['ece'])} | {_pct(auroc)} |")
+        rep.lines.append(f"| {m['round']} | {m['model']} | {pct(t['accuracy'])} | {pct(t['balanced_accuracy'])} | "
+                         f"{pct(t['macro_f1'])} | " + " | ".join(pct(g[k]['accuracy']) for k in GROUPS)
+                         + " | " + " | ".join(pct(tt[k]['accuracy']) for k in TERTILES)
+                         + f" | {pct(t['ece'])} | {pct(auroc)} |")
     empty = [k for k in GROUPS if rep.final["test"]["groups"][k]["empty"]]
     if empty:
         rep.lines += ["", "Empty groups: " + "; ".join(f"{k} — no class has {rep.rules[k]}" for k in empty)
@@ -300,7 +300,7 @@ def _section_per_class(rep: _Report) -> list[dict]:
     for r in conf["rows"]:
         where = ", ".join(f"{names[k['class']]} {100 * k['share']:.0f}%" for k in r["predicted_as"]) or "–"
         rep.lines.append(f"| {names[r['class']]} | {rep.labeled[r['class']] if rep.labeled else '–'} | {r['n']} | "
-                         f"{_pct(r['accuracy'])} | {where} |")
+                         f"{pct(r['accuracy'])} | {where} |")
         worst.append({"class": r["class"], "name": names[r["class"]], "test_images": r["n"], "accuracy": r["accuracy"],
                       "predicted_as": [{**k, "name": names[k["class"]]} for k in r["predicted_as"]]})
     rep.figure("worst_classes_confusion.png", "rows: the classes with the lowest test accuracy; columns: every class "
@@ -314,7 +314,7 @@ def _section_per_class(rep: _Report) -> list[dict]:
 def _section_calibration(rep: _Report) -> None:
     rep.lines += ["", "## Calibration"]
     first, final = rep.rounds[0], rep.final
-    diagrams = [{"title": f"Round {m['round']} — {m['model']}, ECE {_pct(m['test']['ece'])}%",
+    diagrams = [{"title": f"Round {m['round']} — {m['model']}, ECE {pct(m['test']['ece'])}%",
                  "bins": m["test"]["reliability"]}
                 for m in ([first] if first is final else [first, final]) if m["test"].get("reliability")]
     if not diagrams:
@@ -331,9 +331,9 @@ def _section_ood(rep: _Report) -> None:
                   "|---|---|---|---|---|---|---|"]
     for m in rep.rounds:
         o, po = m.get("ood_test") or {}, m.get("pool_ood") or {}
-        rep.lines.append(f"| {m['round']} | {_pct(o.get('auroc'))} | {_pct(o.get('aupr_in'))} | "
-                         f"{_pct(o.get('aupr_out'))} | {_pct(o.get('fpr95'))} | "
-                         f"{_pct((po.get('msp') or {}).get('auroc'))} | {_pct((po.get('zs_msp') or {}).get('auroc'))} |")
+        rep.lines.append(f"| {m['round']} | {pct(o.get('auroc'))} | {pct(o.get('aupr_in'))} | "
+                         f"{pct(o.get('aupr_out'))} | {pct(o.get('fpr95'))} | "
+                         f"{pct((po.get('msp') or {}).get('auroc'))} | {pct((po.get('zs_msp') or {}).get('auroc'))} |")
     rep.lines += ["", "MSP = max softmax probability, higher = more in-distribution; – = no OOD images to compare with."]
     panels, r = _histogram_panels(rep.layout, rep.rounds, rep.cfg)
     if not panels:
@@ -356,8 +356,8 @@ def _section_pseudo_labels(rep: _Report) -> None:
         if p:
             c = p["counts"]
             rep.lines.append(f"| {m['round']} | {c['hard']} | {c['soft']} | {c['rejected']} | {c['ood']} | "
-                             f"{_pct(p.get('coverage'))} | {_pct(p.get('precision'))} | "
-                             f"{_pct(p.get('hard_precision'))} | {_pct(p.get('soft_precision'))} | "
+                             f"{pct(p.get('coverage'))} | {pct(p.get('precision'))} | "
+                             f"{pct(p.get('hard_precision'))} | {pct(p.get('soft_precision'))} | "
                              f"{p.get('ood_admitted', '–')} / {p.get('ood_total', '–')} |")
     rep.lines += ["", "Coverage = accepted ID images / ID images in the pool; precision = right / accepted, an "
                   "admitted OOD image counting as wrong, and the same among the hard and the soft ones; – = nothing accepted. "
@@ -434,7 +434,7 @@ def write_report(run_dir: str | Path) -> dict:
 
 
 def _write_report(lay: storage.RunLayout, out: Path) -> dict:
-    rounds = [_finite(m) for m in load_rounds(lay.root)]
+    rounds = [finite(m) for m in load_rounds(lay.root)]
     if not rounds:
         raise StorageError(f"{lay.root} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
     cfg = load_run_config(lay.root)
@@ -467,84 +467,4 @@ def _write_report(lay: storage.RunLayout, out: Path) -> dict:
                "plots": {name: PLOTS[name] for name in rep.written}, "gallery": gallery, "notes": rep.notes}
     storage.write_json(rep.out / "metrics.json", summary)
     (rep.out / "report.md").write_text("\n".join(rep.lines) + "\n")
-    return summary
-
-
-# --------------------------------------------------------------------------------------------
-# several runs side by side
-# --------------------------------------------------------------------------------------------
-COMPARE_COLUMNS = (  # (header, path into the final round's metrics)
-    ("acc", ("test", "accuracy")), ("balanced", ("test", "balanced_accuracy")),
-    ("many", ("test", "groups", "many", "accuracy")), ("medium", ("test", "groups", "medium", "accuracy")),
-    ("few", ("test", "groups", "few", "accuracy")), ("head", ("test", "tertiles", "head", "accuracy")),
-    ("mid", ("test", "tertiles", "mid", "accuracy")), ("tail", ("test", "tertiles", "tail", "accuracy")),
-    ("ECE", ("test", "ece")), ("AUROC (MSP)", ("ood_test", "auroc")),
-    ("PL precision", ("pseudo_labels", "precision")), ("PL coverage", ("pseudo_labels", "coverage")),
-)
-COMPARE_PLOTTED = ("acc", "balanced", "many", "medium", "few", "head", "mid", "tail", "AUROC (MSP)",
-                   "PL precision", "PL coverage")  # ECE is left out: lower is better, unlike every other bar
-
-
-def _get(d: dict, path: tuple):
-    for key in path:
-        if not isinstance(d, dict) or key not in d:
-            return None
-        d = d[key]
-    return d
-
-
-def _run_labels(run_dirs: list[Path]) -> list[str]:
-    names = [d.name for d in run_dirs]
-    return [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name for d in run_dirs]
-
-
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
-    """compare.md (one row per run, final round), compare.json and compare.png in `out_dir`."""
-    run_dirs = [Path(d) for d in run_dirs]
-    labels = _run_labels(run_dirs)
-    rows, test_sets = [], {}
-    for label, d in zip(labels, run_dirs):
-        rounds = [_finite(m) for m in load_rounds(d)]
-        if not rounds:
-            raise StorageError(f"{d} has no rounds/r*/metrics.json; is it a loft_dist run dir?")
-        cfg = load_run_config(d)
-        info = find_dataset_info(d, cfg) or {}
-        test_sets[label] = tuple(sorted((k, v) for k, v in (info.get("checksums") or {}).items()
-                                        if k.startswith("test/"))) or None
-        a, p, m = cfg.get("algorithm") or {}, cfg.get("peft") or {}, cfg.get("model") or {}
-        final = rounds[-1]
-        rows.append({"run": label, "run_dir": str(d), "round": final["round"],
-                     "method": f"{a.get('name', '?')} ({a.get('mode', 'offline')}) / {p.get('method', '?')} / "
-                               f"{m.get('name', '?')}",
-                     "values": {h: _get(final, path) for h, path in COMPARE_COLUMNS}})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = ["# loft_dist run comparison", "",
-             "Final round of each run; test accuracy by group and tertile, ECE and AUROC (ID test vs OOD test, "
-             "MSP) in %; PL = pool pseudo-labels of the final round.", "",
-             "| run | method (algorithm (mode) / adapter / model) | round | " + " | ".join(h for h, _ in COMPARE_COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(COMPARE_COLUMNS)]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {r['round']} | "
-                     + " | ".join(_pct(r["values"][h]) for h, _ in COMPARE_COLUMNS) + " |")
-    empty = [h for h, _ in COMPARE_COLUMNS if all(r["values"][h] is None for r in rows)]
-    notes = []
-    if empty:
-        notes.append(f"– = not available: {', '.join(empty)} is empty or unmeasured in every run (an empty "
-                     "many / medium / few group has no class with that labeled count).")
-    known = {k: v for k, v in test_sets.items() if v is not None}
-    if len(set(known.values())) > 1:
-        notes.append("The runs were evaluated on different test sets (dataset.json checksums differ): "
-                     "their numbers are not directly comparable.")
-    if len(known) < len(test_sets):
-        notes.append("dataset.json was not found for: " + ", ".join(k for k, v in test_sets.items() if v is None)
-                     + " — same test set not verified.")
-    plots.compare_bars(out / "compare.png", [r["run"] for r in rows], list(COMPARE_PLOTTED),
-                       [[r["values"][h] for h in COMPARE_PLOTTED] for r in rows])
-    lines += [*(["", *notes] if notes else []), "", "![Final-round metrics of each run](compare.png)", "",
-              "*compare.png* — final-round metrics (%) of each run side by side; – marks a value that is not "
-              "available (ECE is in the table only: lower is better)."]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    summary = {"runs": rows, "notes": notes, "plots": ["compare.png"]}
-    storage.write_json(out / "compare.json", summary)
     return summary

@@ -14,7 +14,8 @@ from loft_dist.cli import main
 from loft_dist.config import load_config, to_yaml
 from loft_dist.storage import SUCCESS
 from loft_dist.eval.metrics import classification_metrics, ood_metrics, pseudo_label_metrics
-from loft_dist.eval.report import PLOTS, compare_runs, write_report
+from loft_dist.eval.compare import compare_runs
+from loft_dist.eval.report import PLOTS, write_report
 
 NAMES = ["apple", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "kiwi", "lynx"]
 # every count <= 100: "many" is empty, as for CIFAR-100-LT with N1 = 50 (SPEC F)
@@ -49,13 +50,14 @@ def decisions(msp, c_hard=0.6, c_ood=0.3):
     return np.where(msp >= c_hard, "hard", np.where(msp > c_ood, "soft", "rejected"))
 
 
-def make_run(root, *, rounds=3, pool_ood=True, predictions=True, dataset=True, seed=0):
-    """A run dir with config.yaml, data/dataset.json and rounds/r*/{metrics.json, pseudo_labels, predictions/test}."""
+def make_run(root, *, rounds=3, pool_ood=True, predictions=True, dataset=True, seed=0, overrides=()):
+    """A run dir with config.yaml (the defaults and `overrides`), data/dataset.json and rounds/r*/{metrics.json,
+    pseudo_labels, predictions/test}; `seed` draws its fake metrics and names its test split."""
     rng = np.random.default_rng(seed)
     C = len(NAMES)
     run = root
     run.mkdir(parents=True)
-    cfg = load_config(None, [f"run.name={run.name}"])
+    cfg = load_config(None, [f"run.name={run.name}", *overrides])
     (run / "config.yaml").write_text(to_yaml(cfg))
     pool_truth = np.repeat(np.arange(C), [2 * n for n in LABELED]).astype(np.int32)
     if pool_ood:
@@ -196,6 +198,36 @@ def test_compare_two_runs(tmp_path, capsys):
     summary = json.loads((out / "compare.json").read_text())
     assert [r["round"] for r in summary["runs"]] == [2, 1]
     assert summary["runs"][0]["values"]["many"] is None
+
+
+def test_compare_averages_the_seeds_of_each_setup(tmp_path):
+    """Runs whose configs differ only in the run section and data.root are one setup: the compare shows its mean
+    and sample standard deviation over the seeds, beside every run's own row."""
+    lft = [make_run(tmp_path / f"lft-s{s}", seed=s, overrides=[f"run.seed={s}", "algorithm.name=lft"])
+           for s in (0, 1, 2)]
+    loft = [make_run(tmp_path / f"loft-s{s}", seed=s, overrides=[f"run.seed={s}", f"data.root=/data-s{s}"])
+            for s in (0, 1)]
+    other_lr = make_run(tmp_path / "loft-lr", seed=0, overrides=["train.lr=0.5"])
+    summary = compare_runs([*lft, *loft, other_lr], tmp_path / "cmp")
+    groups = summary["groups"]
+    assert [g["seeds"] for g in groups] == [[0, 1, 2], [0, 1], [0]]  # another lr is another setup
+    for g, runs in zip(groups, (lft, loft, [other_lr])):
+        acc = [json.loads((r / "rounds" / "r2" / "metrics.json").read_text())["test"]["accuracy"] for r in runs]
+        assert g["mean"]["acc"] == pytest.approx(np.mean(acc))
+        assert g["std"]["acc"] == (pytest.approx(np.std(acc, ddof=1)) if len(acc) > 1 else None)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    head = "| lft (offline) / lora / loft-tiny-vit | 3: 0, 1, 2 |"
+    lft_row = next(row for row in md.splitlines() if row.startswith(head))
+    assert f"{100 * groups[0]['mean']['acc']:.1f} ± {100 * groups[0]['std']['acc']:.1f}" in lft_row
+    assert "## Every run" in md and md.count("| lft-s") == 3
+    assert "Each seed was evaluated on its own test split" in md  # the fake split differs by seed only
+
+
+def test_compare_of_single_runs_has_no_seed_table(tmp_path):
+    a, b = make_run(tmp_path / "a", seed=0), make_run(tmp_path / "b", seed=0, overrides=["algorithm.name=lft"])
+    summary = compare_runs([a, b], tmp_path / "cmp")
+    assert [g["std"]["acc"] for g in summary["groups"]] == [None, None]
+    assert "over seeds" not in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_compare_rejects_a_dir_without_rounds(tmp_path):
