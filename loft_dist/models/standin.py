@@ -5,7 +5,7 @@ captions made from prompt templates of which a set share names a wrong class on 
 digits is therefore real but imperfect (55.8 % on the demo's test split), which lets the demo show the methods
 at work where a random backbone scores chance.
 
-It is not shipped as weights: `loft-dist standin` builds it in seconds on CPU, deterministically from
+It is not shipped as weights: `loft-dist standin` builds it in about a minute on CPU, deterministically from
 StandinSettings, into a cache file named by a hash of the settings; `model.pretrained=standin` names that file (the
 config commands build it on first use) and it loads through models/weights.py like any safetensors state dict.
 The images come in as arguments (the data layer reads them), so this module needs nothing above models/.
