@@ -12,6 +12,8 @@ Every test that uses either is marked `slow` (the fast tier, `-m "not slow"`, st
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,19 @@ SHARED_RAY = ("ray_session", "ray_cluster")  # in the order their modules run
 # multi-node tests crash nodes); not tighter, because a busy 2-core machine can delay a live raylet's answer by seconds.
 FAST_NODE_DEATH = {"health_check_period_ms": 2000, "health_check_timeout_ms": 8000,
                    "health_check_failure_threshold": 4}
+
+def pytest_configure(config):
+    """Model caches (the CLIP stand-in that `loft-dist demo` builds) go to a directory of this test run, never the
+    user's ~/.cache: the demo test then starts from an empty cache, as on a fresh machine, and every process of the
+    run (Ray's workers, the demo's own) reads the same one. xdist's workers inherit the controller's."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["LOFT_DIST_CACHE"] = tempfile.mkdtemp(prefix="loft_dist-test-cache-")
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(os.environ.pop("LOFT_DIST_CACHE", ""), ignore_errors=True)
+
 
 _release: dict[str, Callable[[], None]] = {}  # shared Ray fixture → its shutdown, once it is up
 _last_user: dict[str, list[str]] = {}  # test node id → the shared Ray fixtures it is the last user of

@@ -1,37 +1,51 @@
-"""The tiny run of test_tiny_run.py, made once per session: test_tiny_run.py checks what it learned and wrote, and
-test_methods_end_to_end.py's loft-offline case checks it as the LoFT (offline) run of the round driver, instead of
-running the same method through the same driver a second time."""
+"""The demo run, made once per session by README command 1 as written (`pip install -e ".[dev]" && loft-dist demo`)
+in a fresh install of a copy of the project, logging into a real MLflow file store: test_readme_commands.py checks
+that the command did what the README says, test_demo_run.py what the run learned and wrote (and re-runs it in this
+process), and test_methods_end_to_end.py's loft-offline case checks it as the LoFT (offline) run of the round
+driver, instead of running the same method through the same driver a second time."""
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
+import json
+import os
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 
-from e2e_lib import EPOCHS, LR, MICRO, mlflow_env
+from e2e_lib import fresh_install, in_project, mlflow_env, readme_command
 
 
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str | None:
-    """A real MLflow file store that the tiny run logs into; None without the MLflow client (its tests then skip)."""
+    """A real MLflow file store that the demo run logs into; None without the MLflow client (its tests then skip)."""
     if importlib.util.find_spec("mlflow") is None:
         return None
     return tmp_path_factory.mktemp("mlruns").as_uri()
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, ray_session, mlflow_uri):
-    """The tiny config, 2 rounds of EPOCHS epochs at LR and micro batch MICRO, logging into `mlflow_uri`:
-    (cfg, run_dir, summary)."""
-    from loft_dist.config import load_config
-    from loft_dist.rounds import run
+def demo_run(tmp_path_factory, mlflow_uri, ray_session):
+    """README command 1 in a fresh install: SimpleNamespace(project, env, log, rc, run_dir, cfg, summary). Its Ray is
+    its own (no RAY_ADDRESS), its model cache the session's (tests/conftest.py: empty until the demo builds the
+    stand-in). cfg holds the run's relative paths: read them with `in_project`.
 
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("configs/tiny.yaml", [
-        f"run.storage_path={root}", "run.name=e2e", f"train.epochs_per_round={EPOCHS}", f"train.lr={LR}",
-        f"train.micro_batch_size={MICRO}", "rounds.num_rounds=2"])
-    with mlflow_env(mlflow_uri):
-        summary = run(cfg)
-    return SimpleNamespace(cfg=cfg, run_dir=Path(cfg.run_dir).resolve(), summary=summary)
+    It asks for ray_session, which tests re-running the demo in this process use, so that every test of the demo run
+    is in that shared Ray's xdist group (tests/conftest.py): one test process makes the demo, once."""
+    from loft_dist.config import load_config
+
+    where = tmp_path_factory.mktemp("readme-command-1")
+    project, env = fresh_install(where)
+    log = where / "command1.log"
+    with mlflow_env(mlflow_uri), log.open("w") as out:
+        env.update({k: os.environ[k] for k in os.environ if k.startswith("MLFLOW_")})
+        rc = subprocess.run(["bash", "-c", readme_command(1)], cwd=project, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=1700).returncode
+    run_dir = project / "runs" / "tiny"  # where the README says the demo leaves everything
+    if rc != 0 or not (run_dir / "report" / "metrics.json").is_file():
+        pytest.fail(f"README command 1 exited {rc}:\n{log.read_text()[-4000:]}")
+    with in_project(project):
+        cfg = load_config(str(run_dir / "config.yaml"))
+    return SimpleNamespace(project=project, env=env, log=log, rc=rc, run_dir=run_dir, cfg=cfg,
+                           summary=json.loads((run_dir / "report" / "metrics.json").read_text()))

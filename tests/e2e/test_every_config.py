@@ -3,9 +3,9 @@ digits, the model the tiny ViT loaded from a weights file written here, the budg
 every method, adapter, loss and training setting of the file stays as written. Each distinct such setting runs
 one round through the round driver (Ray Data, the actor pool, Ray Train + DeepSpeed with 2 workers); configs that
 differ only in their data section (overridden here) share one run. The setting of tiny.yaml (the defaults) and of
-ulfine_tiny.yaml (the defaults with algorithm.name=ulfine) is not run again here: the round driver runs it in
-tests/e2e/test_tiny_run.py and in every case of tests/e2e/test_methods_end_to_end.py. pool.yaml, a `loft-dist
-score` config, scores a pool with its own scoring section."""
+ulfine_tiny.yaml (the defaults with algorithm.name=ulfine) is not run again here: the round driver runs it for the
+demo run (tests/e2e/test_demo_run.py) and in every case of tests/e2e/test_methods_end_to_end.py. pool.yaml, a
+`loft-dist score` config, scores a pool with its own scoring section."""
 
 from __future__ import annotations
 

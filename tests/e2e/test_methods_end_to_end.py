@@ -4,8 +4,9 @@ the config switch `algorithm.name` (and `algorithm.mode=online` for LoFT) is all
 Every adapter rides along: each case trains another `peft.method` through Ray Train + DeepSpeed with 2 workers, the
 scoring actors reload it for the evaluation, and the round is exported and loaded back without Ray.
 
-LoFT offline, the default method, is checked on the session's tiny run (tests/e2e/conftest.py `tiny_run`: the same
-driver and config switch, 2 longer rounds, which test_tiny_run.py checks further) instead of a run of its own."""
+LoFT offline, the default method, is checked on the session's demo run (tests/e2e/conftest.py `demo_run`: README
+command 1, the same driver and config switch from the CLIP stand-in, 2 longer rounds, which test_demo_run.py checks
+further) instead of a run of its own."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def shared(tmp_path_factory, ray_session):
 
 @pytest.mark.parametrize("name, mode, adapter", CASES, ids=[f"{n}-{m}-{a}" for n, m, a in CASES])
 def test_method_runs_through_the_round_driver(ray_session, request, tmp_path, name, mode, adapter):
-    if (name, mode) == ("loft", "offline"):  # the default method: the session's tiny run is one
-        tiny = request.getfixturevalue("tiny_run")
-        cfg, run_dir, summary = tiny.cfg, tiny.run_dir, tiny.summary
+    if (name, mode) == ("loft", "offline"):  # the default method: the session's demo run is one
+        demo = request.getfixturevalue("demo_run")
+        cfg, run_dir, summary = demo.cfg, demo.run_dir, demo.summary
         assert (cfg.algorithm.name, cfg.algorithm.mode, cfg.peft.method) == (name, mode, adapter)
     else:
         shared = request.getfixturevalue("shared")

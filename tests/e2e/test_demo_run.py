@@ -1,7 +1,8 @@
-"""End to end on a local Ray: the tiny config through Ray Data, the actor pool, Ray Train + DeepSpeed + peft.
+"""End to end on the demo run (README command 1, made once per session by tests/e2e/conftest.py): the defaults from
+the CLIP stand-in through Ray Data, the actor pool, Ray Train + DeepSpeed + peft.
 
-The run learns (accuracy well above chance, training loss falling), logs into a real MLflow file store, and a
-re-run after an unrecorded phase redoes that phase only, in the same MLflow run."""
+The run learns (the rounds end well above the stand-in's zero-shot, training loss falling), logs into a real MLflow
+file store, and a re-run after an unrecorded phase redoes that phase only, in the same MLflow run."""
 
 from __future__ import annotations
 
@@ -15,37 +16,33 @@ import torch
 
 from loft_dist.rounds import run
 
-from e2e_lib import EPOCHS, mlflow_env  # the tiny run itself is made once per session (tests/e2e/conftest.py)
+from e2e_lib import in_project, mlflow_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-# Learning, measured on 2 cores with the tiny_run fixture's config (EPOCHS epochs a round at lr 0.05, micro batch 4,
-# mu 2, seed 0; the random views and the order Ray Data streams blocks in vary run to run): final test accuracy 24.5 %
-# (with the union stream of earlier versions: 24.0 % and 22.75 %); 10 balanced classes, 400 test images, so chance is
-# 10 % +- 1.5 % (one binomial standard deviation). 17 % is 4.7 standard deviations above chance.
-CHANCE = 0.10
-MIN_ACCURACY = 0.17
-# The labeled part of the loss (loss_s: logit-adjusted CE, the one term every epoch of every round shares; the soft
-# term is bounded below by the entropy of a random teacher's near-uniform targets): the mean of the last round's last
-# LOSS_SPAN epochs over the mean of round 1's first LOSS_SPAN epochs. One epoch is 20 steps a worker, and its mean
-# moves by up to 0.25 from run to run (round 1's first epoch: 2.44 and 2.20 in two runs); a single epoch against a
-# single epoch measured 0.73-0.87, so the spans average that out. Measured with spans of 3: 0.79.
+# Learning, measured on 2 cores with `loft-dist demo` (seed 0; the random views and the order Ray Data streams blocks
+# in vary run to run): zero-shot of the stand-in 55.75 %, final 70.0 % and 71.0 % in two runs (+14.2 and +15.25
+# points; 400 test images, one image = 0.25 points). A run whose training did nothing would end near zero-shot.
+MIN_GAIN = 0.05
+# The labeled part of the loss (loss_s: logit-adjusted CE, the one term every epoch of every round shares): the mean
+# of the last round's last LOSS_SPAN epochs over the mean of round 1's first LOSS_SPAN epochs, which averages out
+# the epoch-to-epoch noise (one epoch is 10 steps a worker). Measured: 2.13 -> 0.72, a ratio of 0.34.
 LOSS_SPAN = 3
-MAX_LOSS_RATIO = 0.9
+MAX_LOSS_RATIO = 0.6
 
 
 @pytest.fixture(autouse=True)
 def _mlflow_settings(mlflow_uri):
-    """This module's tests read (and its re-run logs into) the tiny run's MLflow store."""
+    """This module's tests read (and its re-run logs into) the demo run's MLflow store."""
     with mlflow_env(mlflow_uri):
         yield
 
 
 @pytest.fixture
-def tiny_run(tiny_run):
-    """(cfg, run_dir, summary) of the session's tiny run."""
-    return tiny_run.cfg, tiny_run.run_dir, tiny_run.summary
+def demo(demo_run):
+    """(cfg, run_dir, summary) of the session's demo run."""
+    return demo_run.cfg, demo_run.run_dir, demo_run.summary
 
 
 def _mlflow_run(run_dir: Path):
@@ -60,8 +57,8 @@ def _table_ids(table: Path) -> list[int]:
     return pq.read_table(sorted(table.glob("*.parquet")), columns=["id"]).column("id").to_pylist()
 
 
-def test_every_round_writes_one_pseudo_label_row_per_pool_image(tiny_run):
-    cfg, run_dir, _ = tiny_run
+def test_every_round_writes_one_pseudo_label_row_per_pool_image(demo):
+    cfg, run_dir, _ = demo
     pool = sorted(pq.read_table(sorted((run_dir / "data" / "unlabeled").glob("*.parquet")), columns=["id"])
                   .column("id").to_pylist())
     for r in range(cfg.rounds.num_rounds + 1):
@@ -73,8 +70,8 @@ def test_every_round_writes_one_pseudo_label_row_per_pool_image(tiny_run):
         assert set(t.column("decision").to_pylist()) <= {"hard", "soft", "ood", "rejected"}
 
 
-def test_checkpoints_hold_peft_adapter_and_head(tiny_run):
-    cfg, run_dir, _ = tiny_run
+def test_checkpoints_hold_peft_adapter_and_head(demo):
+    cfg, run_dir, _ = demo
     for r in range(1, cfg.rounds.num_rounds + 1):
         ckpt = run_dir / "rounds" / f"r{r}" / "checkpoint"
         assert (ckpt / "adapter" / "adapter_model.safetensors").stat().st_size > 0
@@ -90,8 +87,8 @@ def test_checkpoints_hold_peft_adapter_and_head(tiny_run):
         assert momentum and all(m.abs().sum() > 0 for m in momentum), "SGD momentum saved for exact resume"
 
 
-def test_metrics_and_report(tiny_run):
-    cfg, run_dir, summary = tiny_run
+def test_metrics_and_report(demo):
+    cfg, run_dir, summary = demo
     for r in range(cfg.rounds.num_rounds + 1):
         m = json.loads((run_dir / "rounds" / f"r{r}" / "metrics.json").read_text())
         assert set(m["test"]["groups"]) == {"many", "medium", "few"}
@@ -104,23 +101,27 @@ def test_metrics_and_report(tiny_run):
     assert summary["final"]["round"] == cfg.rounds.num_rounds
 
 
-def test_the_run_learns(tiny_run):
-    cfg, run_dir, _ = tiny_run
+def test_the_run_learns(demo):
+    cfg, run_dir, _ = demo
     last = cfg.rounds.num_rounds
-    acc = json.loads((run_dir / "rounds" / f"r{last}" / "metrics.json").read_text())["test"]["accuracy"]
-    assert acc >= MIN_ACCURACY, f"final test accuracy {acc:.4f} (chance {CHANCE}; measured 0.24, 0.2275)"
+    metrics = [json.loads((run_dir / "rounds" / f"r{r}" / "metrics.json").read_text()) for r in range(last + 1)]
+    zero_shot, final = metrics[0]["test"]["accuracy"], metrics[last]["test"]["accuracy"]
+    assert final >= zero_shot + MIN_GAIN, f"zero-shot {zero_shot:.4f} -> final {final:.4f}"
+    # round 1 trains on the zero-shot teacher's table: hard pseudo-labels, more often right than the soft ones
+    table = metrics[0]["pseudo_labels"]
+    assert table["counts"]["hard"] > 0 and table["hard_precision"] > table["soft_precision"], table
     first = json.loads((run_dir / "rounds" / "r1" / "train_metrics.json").read_text())["loss_by_epoch"]["loss_s"]
     final = json.loads((run_dir / "rounds" / f"r{last}" / "train_metrics.json").read_text())["loss_by_epoch"]["loss_s"]
-    assert len(first) == len(final) == EPOCHS
+    assert len(first) == len(final) == cfg.train.epochs_per_round
     start, end = sum(first[:LOSS_SPAN]) / LOSS_SPAN, sum(final[-LOSS_SPAN:]) / LOSS_SPAN
     assert end <= MAX_LOSS_RATIO * start, f"labeled loss by epoch: round 1 {first}, round {last} {final}"
 
 
-def test_mlflow_holds_params_and_per_round_metrics(tiny_run):
-    cfg, run_dir, _ = tiny_run
+def test_mlflow_holds_params_and_per_round_metrics(demo):
+    cfg, run_dir, _ = demo
     client, run_id = _mlflow_run(run_dir)
     params = client.get_run(run_id).data.params
-    assert params["algorithm.name"] == "loft" and params["train.epochs_per_round"] == str(EPOCHS)
+    assert params["algorithm.name"] == "loft" and params["train.epochs_per_round"] == str(cfg.train.epochs_per_round)
     history = client.get_metric_history(run_id, "test/accuracy")
     by_round = {m.step: m.value for m in history}
     assert sorted(by_round) == list(range(cfg.rounds.num_rounds + 1))
@@ -129,8 +130,8 @@ def test_mlflow_holds_params_and_per_round_metrics(tiny_run):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_rerun_after_an_unrecorded_phase_redoes_only_that_phase(tiny_run, caplog):
-    cfg, run_dir, _ = tiny_run
+def test_rerun_after_an_unrecorded_phase_redoes_only_that_phase(demo, demo_run, ray_session, caplog):
+    cfg, run_dir, _ = demo
     state = json.loads((run_dir / "state.json").read_text())["completed"]
     last = f"r{cfg.rounds.num_rounds}"
     # Simulate a driver killed in the middle of the last evaluation: phase not recorded, a half-written table left.
@@ -143,7 +144,7 @@ def test_rerun_after_an_unrecorded_phase_redoes_only_that_phase(tiny_run, caplog
               if p.is_file() and "predictions" not in str(p) and p != run_dir / "rounds" / last / "metrics.json"}
     client, run_id = _mlflow_run(run_dir)
     logged_before = len(client.get_metric_history(run_id, "test/accuracy"))
-    with caplog.at_level(logging.INFO, logger="loft_dist"):
+    with caplog.at_level(logging.INFO, logger="loft_dist"), in_project(demo_run.project):
         run(cfg)
     assert f"resuming after {state[-2]}" in caplog.text
     assert "1 of" in caplog.text  # one phase to do
@@ -157,18 +158,20 @@ def test_rerun_after_an_unrecorded_phase_redoes_only_that_phase(tiny_run, caplog
     assert len(steps) == logged_before + 1 and steps.count(cfg.rounds.num_rounds) == 2, steps
 
 
-def test_evaluate_a_checkpoint_and_its_export_reproduces_the_rounds_metrics(tiny_run, tmp_path, capsys):
+def test_evaluate_a_checkpoint_and_its_export_reproduces_the_rounds_metrics(demo, demo_run, ray_session, tmp_path,
+                                                                            capsys):
     """`loft-dist evaluate` on the run's own test split: the same model scored again by the actor pool gives the
     round's own metrics, from the checkpoint dir and from an export of it; figures beside metrics.json."""
     from loft_dist.cli import main
 
-    cfg, run_dir, _ = tiny_run
+    cfg, run_dir, _ = demo
     last = cfg.rounds.num_rounds
     want = json.loads((run_dir / "rounds" / f"r{last}" / "metrics.json").read_text())["test"]
     assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    data = demo_run.project / cfg.data_root  # relative to where the demo ran
     for name, model in (("checkpoint", run_dir / "rounds" / f"r{last}" / "checkpoint"), ("export", tmp_path / "export")):
         out = tmp_path / f"eval-{name}"
-        assert main(["evaluate", str(model), cfg.data_root, "--out", str(out), "scoring.max_actors=1"]) == 0
+        assert main(["evaluate", str(model), str(data), "--out", str(out), "scoring.max_actors=1"]) == 0
         m = json.loads((out / "metrics.json").read_text())
         assert m["test"]["n"] == want["n"] and m["test"]["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
         assert m["test"]["per_class_accuracy"] == pytest.approx(want["per_class_accuracy"], abs=1e-9)
@@ -177,7 +180,7 @@ def test_evaluate_a_checkpoint_and_its_export_reproduces_the_rounds_metrics(tiny
     # another dataset's classes: one line, exit 2
     other = tmp_path / "other"
     (other / "x").mkdir(parents=True)
-    info = json.loads((Path(cfg.data_root) / "dataset.json").read_text())
+    info = json.loads((data / "dataset.json").read_text())
     (other / "dataset.json").write_text(json.dumps({**info, "class_names": info["class_names"][::-1]}))
     assert main(["evaluate", str(tmp_path / "export"), str(other), "--out", str(tmp_path / "e3")]) == 2
     assert "evaluate it on the dataset it was trained for" in capsys.readouterr().err
