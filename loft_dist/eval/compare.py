@@ -105,7 +105,9 @@ def _test_set_notes(rows: list[dict]) -> list[str]:
 
 
 def _table(first: str, rows: list[tuple[str, list[str]]]) -> list[str]:
-    return [f"| {first} | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS),
+    """A markdown table: `first` holds the leading column headers ("a | b"), each row's label as many cells."""
+    return [f"| {first} | " + " | ".join(h for h, _ in COLUMNS) + " |",
+            "|" + "---|" * (first.count("|") + 1) + "---:|" * len(COLUMNS),
             *(f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows)]
 
 

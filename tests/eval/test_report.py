@@ -220,6 +220,9 @@ def test_compare_averages_the_seeds_of_each_setup(tmp_path):
     lft_row = next(row for row in md.splitlines() if row.startswith(head))
     assert f"{100 * groups[0]['mean']['acc']:.1f} ± {100 * groups[0]['std']['acc']:.1f}" in lft_row
     assert "## Every run" in md and md.count("| lft-s") == 3
+    for table in md.split("\n\n"):  # every markdown table: as many cells in each line as in its header
+        if table.startswith("|"):
+            assert len({line.count("|") for line in table.splitlines()}) == 1, table
     assert "Each seed was evaluated on its own test split" in md  # the fake split differs by seed only
 
 
