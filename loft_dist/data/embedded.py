@@ -121,8 +121,7 @@ class GeneratedOOD:
         rng = np.random.default_rng([self.seed, i])
         if i % 2:
             return _texture(rng, self.size)
-        photos = _sample_photos()
-        photo = photos[i // 2 % len(photos)]
+        photo = _sample_photos()[self._photo(i)]
         # Crops of 1-4 output sides, clamped so large outputs (224 px) still fit the 427x640 photos.
         largest = min(4 * self.size, *photo.shape[:2])
         side = int(rng.integers(min(self.size, largest), largest + 1))
@@ -131,6 +130,11 @@ class GeneratedOOD:
         crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((self.size, self.size), Image.BILINEAR)
         return np.asarray(crop)
 
+    @staticmethod
+    def _photo(i: int) -> int:
+        """Which sample photo even image i is cropped from."""
+        return i // 2 % len(_sample_photos())
+
     def encoded(self, i: int) -> bytes:
         return _png(self.image(int(i)))
 
@@ -138,7 +142,7 @@ class GeneratedOOD:
         """What image i shows, as an index into OOD_KINDS: which photo it was cropped from, or its texture's
         pattern (the stand-in's captions name it)."""
         if i % 2 == 0:
-            return i // 2 % 2  # load_sample_images' order: china.jpg (a temple), flower.jpg
+            return self._photo(i)  # load_sample_images' order: china.jpg (a temple), flower.jpg
         return 2 + _texture_kind(np.random.default_rng([self.seed, i]))
 
     def origin(self, i: int) -> str:
