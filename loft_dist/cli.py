@@ -88,15 +88,14 @@ def build_standin_file(settings, out) -> dict:
     import torch
 
     from loft_dist.data.embedded import OOD_KINDS, ood_source, reserved_digits
-    from loft_dist.data.transforms import build_view, decode_image
+    from loft_dist.data.transforms import clean_pixels
     from loft_dist.models.standin import save_standin, train_standin
 
     src = reserved_digits()
     ood = ood_source(settings.ood_images, settings.ood_seed, size=src.images.shape[1])  # the digits' native side
-    view = build_view("clean", settings.image_size, hflip=False)
 
     def pixels(s):
-        return torch.from_numpy(view.batch([decode_image(s.encoded(i)) for i in range(len(s))]))
+        return torch.from_numpy(clean_pixels(s, settings.image_size))
 
     state = train_standin(pixels(src), src.labels, src.class_names, settings, pixels(ood),
                           np.array([ood.kind(i) for i in range(len(ood))]), OOD_KINDS)

@@ -108,6 +108,14 @@ def normalize_tensor(pixels):
     return x.permute(0, 3, 1, 2)
 
 
+def clean_pixels(source, size: int, indices=None) -> np.ndarray:
+    """Images of an in-memory source (`encoded(i)`), decoded and resized by the clean view that every evaluated image
+    goes through: (N, 3, size, size) normalized float32, for `indices` (default: all)."""
+    view = build_view("clean", size, hflip=False)
+    idx = range(len(source)) if indices is None else indices
+    return view.batch([decode_image(source.encoded(int(i))) for i in idx])
+
+
 def build_view(view: str, size: int, hflip: bool, strong_aug: str = "randaugment_mc") -> View:
     """The view pipelines of SPEC A.0.4 (FixMatch weak/strong, RandomResizedCrop for labeled data). The strong view
     is weak + FixMatch's RandAugmentMC(2, 10) with its Cutout (data.strong_aug=randaugment_mc), or weak +

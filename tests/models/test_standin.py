@@ -16,7 +16,7 @@ from loft_dist.config import load_config
 from loft_dist.data import embedded
 from loft_dist.data.prepare import plan_splits, prepare_dataset
 from loft_dist.data.store import iter_table_rows, shard_paths
-from loft_dist.data.transforms import build_view, decode_image
+from loft_dist.data.transforms import clean_pixels
 from loft_dist.errors import ConfigError
 from loft_dist.models.clip import build_classifier, create_clip
 from loft_dist.models.standin import STANDIN, StandinSettings, standin_path, train_standin
@@ -61,8 +61,7 @@ def test_no_prepared_split_holds_a_reserved_digit(tmp_path):
 
 def _pixels(settings):
     src = embedded.reserved_digits()
-    view = build_view("clean", settings.image_size, hflip=False)
-    return torch.from_numpy(view.batch([decode_image(src.encoded(i)) for i in range(len(src))])), src
+    return torch.from_numpy(clean_pixels(src, settings.image_size)), src
 
 
 def test_builder_is_deterministic():
@@ -93,9 +92,8 @@ def zero_shot(weights: str) -> tuple[float, float]:
     cfg = load_config(TINY, [f"model.pretrained={weights}", "peft.method=none"])
     plan = plan_splits(cfg)
     src, ood = plan.test_source, embedded.ood_source(200, seed=cfg.run.seed + 1, size=8)
-    view = build_view("clean", cfg.data.image_size, hflip=False)
-    x = torch.from_numpy(view.batch([decode_image(src.encoded(int(i))) for i in plan.test_idx]))
-    xo = torch.from_numpy(view.batch([decode_image(ood.encoded(i)) for i in range(len(ood))]))
+    x = torch.from_numpy(clean_pixels(src, cfg.data.image_size, plan.test_idx))
+    xo = torch.from_numpy(clean_pixels(ood, cfg.data.image_size))
     clf = build_classifier(cfg.model, cfg.peft, list(src.class_names))
     with torch.no_grad():
         probs, probs_ood = clf.zero_shot_logits(x).softmax(1), clf.zero_shot_logits(xo).softmax(1)
