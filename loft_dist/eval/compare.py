@@ -13,6 +13,7 @@ from loft_dist.data.store import find_dataset_info, load_run_config
 from loft_dist.errors import StorageError
 from loft_dist.eval import plots
 from loft_dist.eval.report import finite, load_rounds, pct
+from loft_dist.models.standin import STANDIN
 
 COLUMNS = (  # (header, path into the final round's metrics)
     ("acc", ("test", "accuracy")), ("balanced", ("test", "balanced_accuracy")),
@@ -47,6 +48,15 @@ def _setup_key(cfg: dict) -> str:
     return json.dumps(rest, sort_keys=True, default=str)
 
 
+def _weights(pretrained) -> str:
+    """The model's starting weights as the table shows them: the stand-in is named as what it is, not CLIP."""
+    if not pretrained:
+        return "(random init)"
+    if pretrained == STANDIN:
+        return "(CLIP stand-in, not CLIP)"
+    return f"({Path(str(pretrained)).name})"
+
+
 def _read_run(label: str, d: Path) -> dict:
     rounds = [finite(m) for m in load_rounds(d)]
     if not rounds:
@@ -58,7 +68,7 @@ def _read_run(label: str, d: Path) -> dict:
     final = rounds[-1]
     return {"run": label, "run_dir": str(d), "round": final["round"], "seed": (cfg.get("run") or {}).get("seed"),
             "method": f"{a.get('name', '?')} ({a.get('mode', 'offline')}) / {p.get('method', '?')} / "
-                      f"{m.get('name', '?')}",
+                      f"{m.get('name', '?')} {_weights(m.get('pretrained'))}",
             "values": {h: _get(final, path) for h, path in COLUMNS}, "_key": _setup_key(cfg), "_test": test_set}
 
 

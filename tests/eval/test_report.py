@@ -189,7 +189,7 @@ def test_compare_two_runs(tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
     md = (out / "compare.md").read_text()
     assert "| a/exp |" in md and "| b/exp |" in md  # same run name: the parent disambiguates
-    assert "| loft (offline) / lora / loft-tiny-vit |" in md  # the config's method, mode, adapter and model
+    assert "| loft (offline) / lora / loft-tiny-vit (random init) |" in md  # method, mode, adapter, model, weights
     assert "](compare.png)" in md and not NAN_WORD.search(md)
     assert "different test sets" in md  # fake checksums differ by seed
     with Image.open(out / "compare.png") as im:
@@ -205,8 +205,8 @@ def test_compare_averages_the_seeds_of_each_setup(tmp_path):
     and sample standard deviation over the seeds, beside every run's own row."""
     lft = [make_run(tmp_path / f"lft-s{s}", seed=s, overrides=[f"run.seed={s}", "algorithm.name=lft"])
            for s in (0, 1, 2)]
-    loft = [make_run(tmp_path / f"loft-s{s}", seed=s, overrides=[f"run.seed={s}", f"data.root=/data-s{s}"])
-            for s in (0, 1)]
+    loft = [make_run(tmp_path / f"loft-s{s}", seed=s, overrides=[f"run.seed={s}", f"data.root=/data-s{s}",
+                                                                 "model.pretrained=standin"]) for s in (0, 1)]
     other_lr = make_run(tmp_path / "loft-lr", seed=0, overrides=["train.lr=0.5"])
     summary = compare_runs([*lft, *loft, other_lr], tmp_path / "cmp")
     groups = summary["groups"]
@@ -216,7 +216,7 @@ def test_compare_averages_the_seeds_of_each_setup(tmp_path):
         assert g["mean"]["acc"] == pytest.approx(np.mean(acc))
         assert g["std"]["acc"] == (pytest.approx(np.std(acc, ddof=1)) if len(acc) > 1 else None)
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    head = "| lft (offline) / lora / loft-tiny-vit | 3: 0, 1, 2 |"
+    head = "| lft (offline) / lora / loft-tiny-vit (random init) | 3: 0, 1, 2 |"
     lft_row = next(row for row in md.splitlines() if row.startswith(head))
     assert f"{100 * groups[0]['mean']['acc']:.1f} ± {100 * groups[0]['std']['acc']:.1f}" in lft_row
     assert "## Every run" in md and md.count("| lft-s") == 3
@@ -224,6 +224,7 @@ def test_compare_averages_the_seeds_of_each_setup(tmp_path):
         if table.startswith("|"):
             assert len({line.count("|") for line in table.splitlines()}) == 1, table
     assert "Each seed was evaluated on its own test split" in md  # the fake split differs by seed only
+    assert "| loft (offline) / lora / loft-tiny-vit (CLIP stand-in, not CLIP) | 2: 0, 1 |" in md
 
 
 def test_compare_of_single_runs_has_no_seed_table(tmp_path):
