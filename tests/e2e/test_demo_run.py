@@ -107,8 +107,10 @@ def test_the_run_learns(demo):
     metrics = [json.loads((run_dir / "rounds" / f"r{r}" / "metrics.json").read_text()) for r in range(last + 1)]
     zero_shot, final = metrics[0]["test"]["accuracy"], metrics[last]["test"]["accuracy"]
     assert final >= zero_shot + MIN_GAIN, f"zero-shot {zero_shot:.4f} -> final {final:.4f}"
-    # round 1 trains on the zero-shot teacher's table: hard pseudo-labels, more often right than the soft ones
-    table = metrics[0]["pseudo_labels"]
+    # round 1 trains on its own table (rounds/r1/pseudo_labels, scored by the starting model: the stand-in with its
+    # text-prototype head): hard pseudo-labels, more often right than the soft ones (measured 310 at 45.8 % against
+    # 94 at 10.6 %; the zero-shot table of round 0 feeds only LoFT-OW's stage-1 filter)
+    table = metrics[1]["pseudo_labels"]
     assert table["counts"]["hard"] > 0 and table["hard_precision"] > table["soft_precision"], table
     first = json.loads((run_dir / "rounds" / "r1" / "train_metrics.json").read_text())["loss_by_epoch"]["loss_s"]
     final = json.loads((run_dir / "rounds" / f"r{last}" / "train_metrics.json").read_text())["loss_by_epoch"]["loss_s"]
