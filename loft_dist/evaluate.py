@@ -46,9 +46,9 @@ def model_source(model_dir: str) -> tuple[dict, list[str]]:
 
 def evaluate_model(model_dir: str, dataset: str, split: str, out: str, overrides: list[str]) -> dict:
     """Score `split` of the prepared `dataset` with the model, then metrics.json and figures in `out`."""
-    from loft_dist.data.store import read_dataset_info, shard_paths, split_exists
+    from loft_dist.data.store import read_dataset_info, split_exists
     from loft_dist.runtime import check_fits, init_ray
-    from loft_dist.scoring.job import score_shards, scoring_ask
+    from loft_dist.scoring.job import score_splits, scoring_ask
 
     sections, names = model_source(model_dir)
     info = read_dataset_info(dataset)
@@ -63,9 +63,8 @@ def evaluate_model(model_dir: str, dataset: str, split: str, out: str, overrides
     storage.check_writable(out, "--out")
     check_fits([scoring_ask(cfg)], strict=init_ray(cfg.run, use_gpu=cfg.scoring.gpus_per_actor > 0))
     splits = [split] + (["ood_test"] if split == "test" and split_exists(dataset, "ood_test") else [])
-    for s in splits:
-        score_shards(cfg, shard_paths(dataset, s), storage.join(out, "predictions", s), class_names=names,
-                     mode="eval", checkpoint=str(Path(model_dir).resolve()), label=s)
+    score_splits(cfg, dataset, {s: storage.join(out, "predictions", s) for s in splits}, class_names=names,
+                 mode="eval", checkpoint=str(Path(model_dir).resolve()))
     return write_evaluation(cfg, out, model_dir, dataset, split, names, info["counts"]["labeled"])
 
 

@@ -163,16 +163,15 @@ def _evaluate(ctx: RunContext, r: int) -> None:
     from loft_dist.data.quarantine import quarantine
     from loft_dist.data.store import split_exists
     from loft_dist.eval.evaluate import evaluate_round
-    from loft_dist.scoring.job import score_split
+    from loft_dist.scoring.job import score_splits
 
     ctx.ray()
     mode = "zero_shot" if r == 0 else "eval"
-    for split in ("test", "ood_test"):
-        if split == "test" or split_exists(ctx.root, split):
-            out = ctx.layout.predictions(r, split)
-            score_split(ctx.cfg, ctx.root, split, out, class_names=ctx.info["class_names"], mode=mode,
-                        checkpoint=ctx.checkpoint(r))
-            quarantine(out, ctx.layout.root, split)
+    outs = {s: ctx.layout.predictions(r, s) for s in ("test", "ood_test") if s == "test" or split_exists(ctx.root, s)}
+    # one job for both splits: one actor pool's start-up (~10 s on 2 cores), not one per split
+    score_splits(ctx.cfg, ctx.root, outs, class_names=ctx.info["class_names"], mode=mode, checkpoint=ctx.checkpoint(r))
+    for split, out in outs.items():
+        quarantine(out, ctx.layout.root, split)
     m = evaluate_round(ctx.cfg, ctx.layout, r, classes=ctx.info["class_names"],
                        labeled_counts=ctx.info["counts"]["labeled"], mode=mode)
     ctx.tracker.log_round(r, m)

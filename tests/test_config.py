@@ -100,7 +100,7 @@ def test_resumable_keys_are_the_where_it_runs_keys():
         "run.lease_timeout_s", "run.num_cpus", "run.object_store_mb", "run.ray_address", "run.s3_endpoint",
         "scoring.batch_size", "scoring.cpus_per_actor",
         "scoring.cpus_per_data_task", "scoring.gpus_per_actor", "scoring.max_actors", "scoring.min_actors",
-        "scoring.torch_threads", "train.max_failures"]
+        "scoring.torch_threads", "train.checkpoint_every", "train.max_failures"]
 
 
 def test_config_imports_no_algorithms():

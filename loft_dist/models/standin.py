@@ -151,7 +151,9 @@ def _fit(model, images: torch.Tensor, tokens: torch.Tensor, captions: torch.Tens
     from open_clip.loss import ClipLoss
 
     num_names = tokens.shape[0]
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.1)
+    # foreach: the same arithmetic as the per-tensor loop (the bytes are identical), in about half the time of a
+    # build on CPU, where torch's default is that loop; fused=True was faster still but changed the bytes.
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.1, foreach=True)
     warmup = max(1, settings.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, settings.steps) / settings.steps)))

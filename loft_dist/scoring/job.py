@@ -15,6 +15,7 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -96,24 +97,39 @@ def _scored_dataset(cfg, units: list[dict], scorer_kwargs: dict):
     )  # Ray Data's actor pool restarts dead actors and retries their batches (max_restarts = max_task_retries = -1)
 
 
-def _score_chunks(cfg, chunks: dict[int, list], expected: dict[int, int], work: str, scorer_kwargs: dict,
-                  on_commit) -> None:
-    """Score the uncommitted chunks in one Ray Data execution and commit each chunk the moment its last row is in.
+@dataclass
+class _Table:
+    """One output table of a scoring job: its input shards, its chunks, and where they are committed."""
+    label: str
+    paths: list[str]
+    out: str
+    work: str = ""
+    chunks: list = field(default_factory=list)  # read units of each chunk (plan_chunks)
+    rows: list[int] = field(default_factory=list)  # rows of each chunk
 
-    One execution, not one per chunk: every execution starts its own actor pool, and an actor's start-up (torch +
-    open_clip import, model build: ~10 s on 2 cores) repeated per chunk cost more than the scoring of a pool of
-    millions. The scored rows are small (~100 bytes), so the driver writes them itself, one file per chunk and input
-    shard of each block, into the chunk's temp dir; a killed job loses only the chunks in flight, and a retried
+    def chunk_dir(self, i: int) -> str:
+        return storage.join(self.work, f"chunk-{i:05d}")
+
+
+def _score_chunks(cfg, todo: dict[int, tuple[_Table, int]], scorer_kwargs: dict, on_commit) -> None:
+    """Score the uncommitted chunks (job-wide number → (table, its chunk index)) in one Ray Data execution and commit
+    each chunk the moment its last row is in.
+
+    One execution, not one per chunk or per table: every execution starts its own actor pool, and an actor's start-up
+    (torch + open_clip import, model build: ~10 s on 2 cores) repeated per chunk cost more than the scoring of a pool
+    of millions. The scored rows are small (~100 bytes), so the driver writes them itself, one file per chunk and
+    input shard of each block, into the chunk's temp dir; a killed job loses only the chunks in flight, and a retried
     actor task cannot leave a duplicate file behind.
     """
-    units = [{"chunk": c, "slices": json.dumps(u)} for c in sorted(chunks) for u in chunks[c]]
+    units = [{"chunk": c, "slices": json.dumps(u)} for c in sorted(todo) for u in todo[c][0].chunks[todo[c][1]]]
     scored = _scored_dataset(cfg, units, scorer_kwargs)
     tag = uuid.uuid4().hex[:8]
-    tmp = {c: storage.join(work, f".chunk-{c:05d}.tmp-{tag}") for c in chunks}
-    got, parts = dict.fromkeys(chunks, 0), dict.fromkeys(chunks, 0)
-    shards: dict[int, dict[str, str]] = {c: {} for c in chunks}  # file → its input shard: one shard per file
+    tmp = {c: storage.join(t.work, f".chunk-{i:05d}.tmp-{tag}") for c, (t, i) in todo.items()}
+    expected = {c: t.rows[i] for c, (t, i) in todo.items()}
+    got, parts = dict.fromkeys(todo, 0), dict.fromkeys(todo, 0)
+    shards: dict[int, dict[str, str]] = {c: {} for c in todo}  # file → its input shard: one shard per file
     try:
-        for c in chunks:
+        for c in todo:
             storage.makedirs(tmp[c])
         for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             keys = list(zip(block.column("chunk").to_pylist(), block.column("path").to_pylist()))
@@ -121,7 +137,7 @@ def _score_chunks(cfg, chunks: dict[int, list], expected: dict[int, int], work: 
             unique = list(dict.fromkeys(keys))
             for key in unique:
                 c, path = key
-                if c not in chunks:
+                if c not in todo:
                     raise RuntimeError(f"scored rows of chunk {c} ({path!r}), which is not one of this job's chunks")
                 rows = block if len(unique) == 1 else block.filter(pa.array([k == key for k in keys]))
                 name = f"part-{parts[c]:05d}.parquet"
@@ -131,10 +147,10 @@ def _score_chunks(cfg, chunks: dict[int, list], expected: dict[int, int], work: 
                 parts[c] += 1
                 got[c] += rows.num_rows
                 if got[c] == expected[c]:
-                    commit_table(tmp[c], storage.join(work, f"chunk-{c:05d}"), expected_rows=expected[c],
-                                 shards=shards[c])
-                    on_commit(c, expected[c])
-        short = {c: (got[c], expected[c]) for c in chunks if got[c] != expected[c]}
+                    table, i = todo[c]
+                    commit_table(tmp[c], table.chunk_dir(i), expected_rows=expected[c], shards=shards[c])
+                    on_commit(table, i, expected[c])
+        short = {f"{t.label} chunk {i}": (got[c], expected[c]) for c, (t, i) in todo.items() if got[c] != expected[c]}
         if short:
             raise RuntimeError(f"scored rows per chunk (got, expected) {short}: not one row per input image; "
                                f"nothing of these chunks was committed — re-run to redo them")
@@ -143,67 +159,90 @@ def _score_chunks(cfg, chunks: dict[int, list], expected: dict[int, int], work: 
             storage.remove(t)
 
 
-def score_shards(cfg, paths: list[str], out_dir: str, *, class_names: list[str], mode: str,
-                 checkpoint: str | None = None, zs_table: str | None = None, label: str = "") -> int:
-    """Score the given Parquet image shards into the table at out_dir (a path or a URI); returns its row count."""
-    out = storage.absolute(out_dir)
-    if is_complete(out):
-        return table_rows(out)
-    check_unique_ids(paths, label or storage.name(out))  # one row per image needs one id per image (a row count cannot tell)
+def _plan_table(cfg, table: _Table, mode: str, checkpoint: str | None) -> None:
+    """Cut an unfinished table's input into chunks and claim its work dir (a different job's is started over, a killed
+    run's chunks in flight are removed: they are redone)."""
+    check_unique_ids(table.paths, table.label)  # one row per image needs one id per image (a row count cannot tell)
     s = cfg.scoring
     # About 4 batches per read task: one task per 256-row shard cost more than reading and decoding it (~1,000
     # rows/s on 2 cores)
-    chunks = plan_chunks(paths, s.rows_per_chunk, max(4 * s.batch_size, 1))
-    work = storage.join(storage.parent(out), f".{storage.name(out)}.work")
-    identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [storage.name(p) for p in paths],
+    table.chunks = plan_chunks(table.paths, s.rows_per_chunk, max(4 * s.batch_size, 1))
+    table.rows = [sum(stop - start for unit in chunk for _, _, start, stop in unit) for chunk in table.chunks]
+    table.work = storage.join(storage.parent(table.out), f".{storage.name(table.out)}.work")
+    identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [storage.name(p) for p in table.paths],
                 "rows_per_chunk": s.rows_per_chunk}
-    ident_file = storage.join(work, "job.json")
+    ident_file = storage.join(table.work, "job.json")
     if storage.is_file(ident_file) and storage.read_json(ident_file) != identity:
-        log.warning("%s was left by a different scoring job; starting it over", work)
-        storage.remove(work)
+        log.warning("%s was left by a different scoring job; starting it over", table.work)
+        storage.remove(table.work)
     storage.write_json(ident_file, identity)
-    for stale in storage.listdir(work):  # a killed run's chunks in flight: redone below
+    for stale in storage.listdir(table.work):
         if stale.startswith(".chunk-") and ".tmp-" in stale:
-            storage.remove(storage.join(work, stale))
+            storage.remove(storage.join(table.work, stale))
 
-    kwargs = {"cfg": to_dict(cfg), "class_names": class_names, "mode": mode, "checkpoint": checkpoint,
-              "zs_table": zs_table}
-    rows = {i: sum(stop - start for unit in chunk for _, _, start, stop in unit) for i, chunk in enumerate(chunks)}
-    total = sum(rows.values())
-    todo = {i: chunk for i, chunk in enumerate(chunks) if not is_complete(storage.join(work, f"chunk-{i:05d}"))}
-    done = total - sum(rows[i] for i in todo)
-    log.info("scoring %s: %d rows in %d shards (%d chunks of <= %s rows, %d done before), mode %s, actor pool %d..%d actors x "
-             "%s CPU / %s GPU, batch %d", label or storage.name(out), total, len(paths), len(chunks), s.rows_per_chunk or "all", len(chunks) - len(todo),
-             mode, s.min_actors, s.max_actors, s.cpus_per_actor, s.gpus_per_actor, s.batch_size)
-    t0, fresh, committed = time.time(), 0, len(chunks) - len(todo)
 
-    def on_commit(i: int, n: int) -> None:
-        nonlocal fresh, committed, done
-        fresh, done, committed = fresh + n, done + n, committed + 1
-        rate = fresh / max(time.time() - t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else 0.0
-        log.info("scoring %s: chunk %d committed (%d/%d), %d/%d rows, %.0f rows/s, ETA %.0f s", label or storage.name(out),
-                 i, committed, len(chunks), done, total, rate, eta)
-
-    if todo:
-        _score_chunks(cfg, todo, {i: rows[i] for i in todo}, work, kwargs, on_commit)
-
-    staged, shards = storage.staging(out), {}
-    for i in range(len(chunks)):
-        chunk = storage.join(work, f"chunk-{i:05d}")
+def _finish_table(table: _Table) -> int:
+    """Move every committed chunk's files into the final table dir and commit it with the total row count."""
+    staged, shards = storage.staging(table.out), {}
+    for i in range(len(table.chunks)):
+        chunk = table.chunk_dir(i)
         of = storage.committed(chunk).get("shards", {})
         for f in table_files(chunk):
             name = f"chunk-{i:05d}-{storage.name(f)}"
             storage.move(f, storage.join(staged, name))
             if storage.name(f) in of:  # a chunk committed by an older version names none; training then says so
                 shards[name] = of[storage.name(f)]
-    n = commit_table(staged, out, expected_rows=total, shards=shards)
-    storage.remove(work)
+    n = commit_table(staged, table.out, expected_rows=sum(table.rows), shards=shards)
+    storage.remove(table.work)
     return n
 
 
+def score_tables(cfg, inputs: dict[str, tuple[list[str], str]], *, class_names: list[str], mode: str,
+                 checkpoint: str | None = None, zs_table: str | None = None) -> dict[str, int]:
+    """Score Parquet image shards into tables, label → (input shards, table dir: a path or a URI), with one actor pool
+    for all of them; returns each table's row count. A table already complete is kept as it is."""
+    tables = [_Table(label, paths, storage.absolute(out)) for label, (paths, out) in inputs.items()]
+    counts = {t.label: table_rows(t.out) for t in tables if is_complete(t.out)}
+    tables = [t for t in tables if t.label not in counts]
+    s = cfg.scoring
+    todo: dict[int, tuple[_Table, int]] = {}
+    for t in tables:
+        _plan_table(cfg, t, mode, checkpoint)
+        pending = [i for i in range(len(t.chunks)) if not is_complete(t.chunk_dir(i))]
+        todo.update({len(todo) + k: (t, i) for k, i in enumerate(pending)})
+        log.info("scoring %s: %d rows in %d shards (%d chunks of <= %s rows, %d done before), mode %s, actor pool "
+                 "%d..%d actors x %s CPU / %s GPU, batch %d", t.label, sum(t.rows), len(t.paths), len(t.chunks),
+                 s.rows_per_chunk or "all", len(t.chunks) - len(pending), mode, s.min_actors, s.max_actors,
+                 s.cpus_per_actor, s.gpus_per_actor, s.batch_size)
+    total = sum(t.rows[i] for t, i in todo.values())
+    t0, fresh, committed = time.time(), 0, 0
+
+    def on_commit(t: _Table, i: int, n: int) -> None:
+        nonlocal fresh, committed
+        fresh, committed = fresh + n, committed + 1
+        rate = fresh / max(time.time() - t0, 1e-9)
+        log.info("scoring %s: chunk %d committed (%d/%d of this job), %d/%d rows, %.0f rows/s, ETA %.0f s", t.label, i,
+                 committed, len(todo), fresh, total, rate, (total - fresh) / rate if rate > 0 else 0.0)
+
+    if todo:
+        kwargs = {"cfg": to_dict(cfg), "class_names": class_names, "mode": mode, "checkpoint": checkpoint,
+                  "zs_table": zs_table}
+        _score_chunks(cfg, todo, kwargs, on_commit)
+    return {**counts, **{t.label: _finish_table(t) for t in tables}}
+
+
+def score_shards(cfg, paths: list[str], out_dir: str, *, label: str = "", **kwargs) -> int:
+    """Score the given Parquet image shards into the table at out_dir (a path or a URI); returns its row count."""
+    return score_tables(cfg, {label or storage.name(out_dir): (paths, out_dir)}, **kwargs)[label or storage.name(out_dir)]
+
+
+def score_splits(cfg, data_root: str, outs: dict[str, str], **kwargs) -> dict[str, int]:
+    """Score splits of a prepared dataset, split → table dir, in one job (one actor pool)."""
+    return score_tables(cfg, {split: (shard_paths(data_root, split), out) for split, out in outs.items()}, **kwargs)
+
+
 def score_split(cfg, data_root: str, split: str, out_dir: str, **kwargs) -> int:
-    return score_shards(cfg, shard_paths(data_root, split), out_dir, label=split, **kwargs)
+    return score_splits(cfg, data_root, {split: out_dir}, **kwargs)[split]
 
 
 def _stage_image_folder(folder: Path, staging: str, rows_per_shard: int) -> list[str]:

@@ -9,6 +9,7 @@ their error kept, so the driver can quarantine them.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +66,9 @@ class Scorer:
         uint8 through pinned memory and is normalised there; float32 (already normalised) as it is."""
         if x.dtype != np.uint8:
             return torch.from_numpy(np.require(x, np.float32, ["C", "W"])).to(self.device)
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        with warnings.catch_warnings():  # Arrow's read-only buffer, never written: normalising makes a new tensor
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.ascontiguousarray(x))
         if self.device == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
         return normalize_tensor(t)

@@ -279,9 +279,10 @@ def train_loop_per_worker(config: dict) -> None:
         sums = _train_epoch(engine, method, batches, pool, cfg, prior)
         metrics = {"epoch": epoch, "round_epoch": offset + epoch, "lr": lr,
                    **_group_metrics(sums, loss_by_epoch, pool is not None, engine.device), "worker_nodes": worker_nodes}
-        state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
-        _report(engine, method, model, params, metrics, {**state, "restored": restored} if restored else state)
-        restored = None  # only the first checkpoint after a resume carries the record
+        if (epoch + 1) % t.checkpoint_every == 0 or epoch == epochs - 1:
+            state = {"epoch": epoch, "class_names": config["class_names"], **metrics}
+            _report(engine, method, model, params, metrics, {**state, "restored": restored} if restored else state)
+            restored = None  # only the first checkpoint after a resume carries the record
         if tracker is not None:
             tracker.log_epoch(config["round_idx"], offset + epoch, metrics)
     if tracker is not None:

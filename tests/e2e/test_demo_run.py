@@ -87,6 +87,18 @@ def test_checkpoints_hold_peft_adapter_and_head(demo):
         assert momentum and all(m.abs().sum() > 0 for m in momentum), "SGD momentum saved for exact resume"
 
 
+def test_checkpoints_are_reported_every_checkpoint_every_epochs(demo):
+    cfg, run_dir, _ = demo
+    t = cfg.train
+    reported = list(range(t.checkpoint_every - 1, t.epochs_per_round, t.checkpoint_every))
+    assert t.checkpoint_every > 1 and reported[-1] == t.epochs_per_round - 1  # the demo's 20 epochs, every 5th
+    for r in range(1, cfg.rounds.num_rounds + 1):
+        snapshot = json.loads((run_dir / "ray_train" / f"r{r}" / "checkpoint_manager_snapshot.json").read_text())
+        assert snapshot["current_report_index"] == len(reported), snapshot["current_report_index"]
+        kept = [c["metrics"]["epoch"] for c in snapshot["checkpoint_results"]]
+        assert kept == reported[-t.num_to_keep:], kept
+
+
 def test_metrics_and_report(demo):
     cfg, run_dir, summary = demo
     for r in range(cfg.rounds.num_rounds + 1):

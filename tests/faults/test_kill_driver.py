@@ -59,7 +59,7 @@ def test_kill_the_driver_mid_round_and_run_it_again(tmp_path, prepared_root, ray
     run_dir = tmp_path / name
     secret = f"not-a-real-secret-{uuid.uuid4().hex}"
     cmd = [LOFT_DIST, "run", TINY, f"run.storage_path={tmp_path}", f"run.name={name}", f"data.root={prepared_root}",
-           *DATA_OVERRIDES, "rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}",
+           *DATA_OVERRIDES, "rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}", "train.checkpoint_every=1",
            f"train.num_to_keep={EPOCHS + 2}",  # keep every checkpoint, to see which epochs were reported
            # small chunks and batches: chunks commit one by one while the rest is still scored (the job streams
            # every chunk in one execution, so a pool this small leaves a short window to kill in)

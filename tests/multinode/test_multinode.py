@@ -125,7 +125,7 @@ def test_losing_a_trainer_node_mid_round_resumes_from_the_last_checkpoint(cluste
 
     epochs = 3
     d = driver(tmp_path, "trainer_loss", TINY_ROUND + PLACEMENT + FRACTIONS + [
-        f"train.epochs_per_round={epochs}", "train.max_failures=1", "train.num_to_keep=10"])
+        f"train.epochs_per_round={epochs}", "train.checkpoint_every=1", "train.max_failures=1", "train.num_to_keep=10"])
     snapshot = run_dir / "ray_train" / "r1" / "checkpoint_manager_snapshot.json"
     first = wait_for(lambda: registered_checkpoints(snapshot), d, "a registered checkpoint of round 1")
     assert first[0]["epoch"] == 0

@@ -160,3 +160,30 @@ def test_zero_shot_labels_an_image_folder_with_class_names_from_the_config(tmp_p
     with pytest.raises(ConfigError, match=r"repeated: \['cat'\]"):
         run_score_job(load_config(None, [f"scoring.input={folder}", f"scoring.output={tmp_path / 'x'}",
                                          f"scoring.class_names={tmp_path / 'one.txt'}"]))
+
+
+def test_two_tables_are_scored_by_one_execution_each_row_into_its_own_table(tmp_path, ray_session, monkeypatch):
+    """score_tables (evaluation's test + ood_test) runs one Ray Data execution, one actor pool, for every table; job
+    chunk numbers span the tables, and each chunk still commits into its own table's work dir."""
+    import loft_dist.scoring.job as job
+
+    ids = {"a": _write_pool(tmp_path / "a", 700, 3), "b": [i + 1 for i in _write_pool(tmp_path / "b", 300, 2)]}
+    # pool b's ids shifted by one: a row committed into the other table shows up as a wrong id
+    for f in sorted((tmp_path / "b").glob("*.parquet")):
+        t = pq.read_table(f)
+        pq.write_table(t.set_column(0, "id", pa.array([i + 1 for i in t.column("id").to_pylist()], pa.int64())), f)
+    cfg = _cfg(tmp_path, tmp_path / "a", tmp_path / "unused", "scoring.rows_per_chunk=256", "scoring.batch_size=64")
+    executions = []
+    real = job._score_chunks
+    monkeypatch.setattr(job, "_score_chunks", lambda cfg, todo, *a: executions.append(
+        sorted((t.label, i) for t, i in todo.values())) or real(cfg, todo, *a))
+    outs = {k: tmp_path / "out" / k for k in ids}
+    paths = {k: [str(p) for p in sorted((tmp_path / k).glob("*.parquet"))] for k in ids}
+    counts = job.score_tables(cfg, {k: (paths[k], str(outs[k])) for k in ids}, class_names=CLASSES, mode="zero_shot")
+    assert counts == {"a": 700, "b": 300}
+    assert executions == [[("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]]
+    for k in ids:
+        assert sorted(_ids(outs[k])) == sorted(ids[k])
+        assert not (outs[k].parent / f".{k}.work").exists()
+    assert job.score_tables(cfg, {k: (paths[k], str(outs[k])) for k in ids}, class_names=CLASSES,
+                            mode="zero_shot") == counts and len(executions) == 1  # complete tables: nothing to do
