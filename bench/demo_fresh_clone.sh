@@ -18,5 +18,5 @@ t1=$(date +%s.%N)
 loft-dist demo > "$work/demo.log" 2>&1; rc=$?
 t2=$(date +%s.%N)
 echo "rc=$rc install=$(echo "$t1 - $t0" | bc) s demo=$(echo "$t2 - $t1" | bc) s (log: $work/demo.log)"
-grep -E "stand-in build: step [0-9]+/[0-9]+ .* ETA 0 s|phase .* done in|round [0-9]+ eval: accuracy" "$work/demo.log"
+grep -E "stand-in build: step [0-9]+/[0-9]+,.* ETA 0 s|phase .* done in|round [0-9]+ eval: accuracy" "$work/demo.log"
 tail -1 "$work/demo.log"
