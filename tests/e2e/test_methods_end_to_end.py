@@ -20,7 +20,7 @@ from loft_dist.rounds import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-DATA = ["data.ood_test=0"]  # no OOD test split: one scoring job less per evaluation keeps the file within minutes
+DATA = ["data.ood_test=0"]  # no OOD test split: fewer images to score per evaluation keeps the file within minutes
 CASES = [  # (algorithm.name, algorithm.mode, peft.method)
     ("zero_shot", "offline", "lora"), ("lp", "offline", "none"), ("lft", "offline", "adaptformer"),
     ("fft", "offline", "full"), ("fixmatch", "offline", "vpt"), ("loft", "offline", "lora"),
