@@ -1,6 +1,6 @@
 """The recipe of one Ray Train worker: build the method's model, wrap it in a DeepSpeed engine, stream its data
-shards, train with the method's loss, and report metrics + a checkpoint every train.checkpoint_every epochs and at the round's last (every rank, same
-cadence; rank 0 logs every epoch's metrics to the tracker).
+shards, train with the method's loss, and report metrics + a checkpoint every train.checkpoint_every epochs and at
+the round's last (every rank, same cadence; rank 0 logs every epoch's metrics to the tracker).
 
 Both modes stream "train" (labeled rows) and, for methods that learn from the pool, "pool"; each step takes B
 labeled rows and mu * B pool rows (SPEC A.0.2), and the method's loss divides its pool terms by those mu * B rows.
