@@ -233,7 +233,8 @@ def score_tables(cfg, inputs: dict[str, tuple[list[str], str]], *, class_names: 
 
 def score_shards(cfg, paths: list[str], out_dir: str, *, label: str = "", **kwargs) -> int:
     """Score the given Parquet image shards into the table at out_dir (a path or a URI); returns its row count."""
-    return score_tables(cfg, {label or storage.name(out_dir): (paths, out_dir)}, **kwargs)[label or storage.name(out_dir)]
+    label = label or storage.name(out_dir)
+    return score_tables(cfg, {label: (paths, out_dir)}, **kwargs)[label]
 
 
 def score_splits(cfg, data_root: str, outs: dict[str, str], **kwargs) -> dict[str, int]:
