@@ -103,9 +103,12 @@ class _Table:
     label: str
     paths: list[str]
     out: str
-    work: str = ""
     chunks: list = field(default_factory=list)  # read units of each chunk (plan_chunks)
     rows: list[int] = field(default_factory=list)  # rows of each chunk
+
+    @property
+    def work(self) -> str:
+        return storage.join(storage.parent(self.out), f".{storage.name(self.out)}.work")
 
     def chunk_dir(self, i: int) -> str:
         return storage.join(self.work, f"chunk-{i:05d}")
@@ -121,7 +124,7 @@ def _score_chunks(cfg, todo: dict[int, tuple[_Table, int]], scorer_kwargs: dict,
     input shard of each block, into the chunk's temp dir; a killed job loses only the chunks in flight, and a retried
     actor task cannot leave a duplicate file behind.
     """
-    units = [{"chunk": c, "slices": json.dumps(u)} for c in sorted(todo) for u in todo[c][0].chunks[todo[c][1]]]
+    units = [{"chunk": c, "slices": json.dumps(u)} for c, (t, i) in sorted(todo.items()) for u in t.chunks[i]]
     scored = _scored_dataset(cfg, units, scorer_kwargs)
     tag = uuid.uuid4().hex[:8]
     tmp = {c: storage.join(t.work, f".chunk-{i:05d}.tmp-{tag}") for c, (t, i) in todo.items()}
@@ -168,7 +171,6 @@ def _plan_table(cfg, table: _Table, mode: str, checkpoint: str | None) -> None:
     # rows/s on 2 cores)
     table.chunks = plan_chunks(table.paths, s.rows_per_chunk, max(4 * s.batch_size, 1))
     table.rows = [sum(stop - start for unit in chunk for _, _, start, stop in unit) for chunk in table.chunks]
-    table.work = storage.join(storage.parent(table.out), f".{storage.name(table.out)}.work")
     identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [storage.name(p) for p in table.paths],
                 "rows_per_chunk": s.rows_per_chunk}
     ident_file = storage.join(table.work, "job.json")

@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 EPOCHS = 3
 # Reproducible inputs (clean views, no local shuffle, Ray Data's order preserved), so the killed round and its
 # reference differ by the kill alone.
-OVERRIDES = ("rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}", "train.checkpoint_every=1", "train.max_failures=1",
-             f"train.num_to_keep={EPOCHS + 2}", "train.labeled_view=clean", "train.shuffle_buffer=0",
+OVERRIDES = ("rounds.num_rounds=1", f"train.epochs_per_round={EPOCHS}", "train.checkpoint_every=1",
+             "train.max_failures=1", f"train.num_to_keep={EPOCHS + 2}", "train.labeled_view=clean", "train.shuffle_buffer=0",
              "train.preserve_order=true")
 # Final weights of the killed round vs the uninterrupted one, as a share of how far training moved them from their
 # init. Measured on 2 cores: two uninterrupted rounds with these overrides are bitwise equal (0.0); without

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CLASSES = ["zero", "one", "two"]
 
 
-def _write_pool(root: Path, n: int, shards: int) -> list[int]:
+def _write_pool(root: Path, n: int, shards: int, first_id: int = 13) -> list[int]:
     """n rows in `shards` Parquet files; 64 distinct small PNGs reused (decoding still runs per row)."""
     rng = np.random.default_rng(0)
     pngs = []
@@ -38,7 +38,7 @@ def _write_pool(root: Path, n: int, shards: int) -> list[int]:
         Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(buf, format="PNG")
         pngs.append(buf.getvalue())
     root.mkdir(parents=True)
-    ids = (np.arange(n, dtype=np.int64) * 7919 + 13)  # non-contiguous, like real ids
+    ids = (np.arange(n, dtype=np.int64) * 7919 + first_id)  # non-contiguous, like real ids
     for s, part in enumerate(np.array_split(np.arange(n), shards)):
         table = pa.table({"id": ids[part], "image": [pngs[i % 64] for i in part],
                           "label": np.full(len(part), -1, np.int32), "true_label": np.full(len(part), -1, np.int32),
@@ -167,11 +167,8 @@ def test_two_tables_are_scored_by_one_execution_each_row_into_its_own_table(tmp_
     chunk numbers span the tables, and each chunk still commits into its own table's work dir."""
     import loft_dist.scoring.job as job
 
-    ids = {"a": _write_pool(tmp_path / "a", 700, 3), "b": [i + 1 for i in _write_pool(tmp_path / "b", 300, 2)]}
-    # pool b's ids shifted by one: a row committed into the other table shows up as a wrong id
-    for f in sorted((tmp_path / "b").glob("*.parquet")):
-        t = pq.read_table(f)
-        pq.write_table(t.set_column(0, "id", pa.array([i + 1 for i in t.column("id").to_pylist()], pa.int64())), f)
+    # pool b's ids differ from a's: a row committed into the other table shows up as a wrong id
+    ids = {"a": _write_pool(tmp_path / "a", 700, 3), "b": _write_pool(tmp_path / "b", 300, 2, first_id=14)}
     cfg = _cfg(tmp_path, tmp_path / "a", tmp_path / "unused", "scoring.rows_per_chunk=256", "scoring.batch_size=64")
     executions = []
     real = job._score_chunks
