@@ -112,22 +112,49 @@ def _prepare(ctx: RunContext, r: int) -> None:
     prepare_dataset(ctx.cfg, start_ray=ctx.ray)
 
 
+def _pool_input(ctx: RunContext, r: int) -> dict:
+    """Round r's pool table: zero-shot in round 0, else pseudo-labels by the teacher, round r - 1's model."""
+    from loft_dist.data.store import shard_paths
+
+    return {"unlabeled": (shard_paths(ctx.root, "unlabeled"), ctx.layout.pseudo_labels(r),
+                          "zero_shot" if r == 0 else "teacher")}
+
+
+def _eval_inputs(ctx: RunContext, r: int) -> dict:
+    """Round r's predictions on the test split (and the OOD test split where the dataset has one)."""
+    from loft_dist.data.store import split_exists
+    from loft_dist.scoring.job import split_inputs
+
+    outs = {s: ctx.layout.predictions(r, s) for s in ("test", "ood_test") if s == "test" or split_exists(ctx.root, s)}
+    return split_inputs(ctx.root, outs, "zero_shot" if r == 0 else "eval")
+
+
+def _score_with(ctx: RunContext, checkpoint: str | None, inputs: dict) -> dict[str, int]:
+    """Every table one model scores in a phase, in one job: one actor pool's start-up (~7-10 s on 2 cores), not one
+    per table. A table already complete (scored by an earlier phase's job) is kept."""
+    from loft_dist.scoring.job import score_tables
+
+    ctx.ray()
+    teacher = any(mode == "teacher" for _, _, mode in inputs.values())
+    return score_tables(ctx.cfg, inputs, class_names=ctx.info["class_names"], checkpoint=checkpoint,
+                        zs_table=ctx.layout.pseudo_labels(0) if teacher else None)
+
+
 def _score(ctx: RunContext, r: int) -> None:
-    """The pool's pseudo-label table of round r: zero-shot in round 0, else the teacher of round r - 1."""
+    """The pool's pseudo-label table of round r: zero-shot in round 0, else the teacher of round r - 1. Round 0's job
+    also scores the test splits (the zero-shot model is round 0's model: r0.eval finds them done); from round 2 on,
+    the previous round's evaluation scored the pool already (_evaluate)."""
     from loft_dist.data.pseudo_labels import pool_decisions
     from loft_dist.data.quarantine import quarantine
-    from loft_dist.scoring.job import score_split
 
     if ctx.num_rounds and not ctx.info["rows"]["unlabeled"]:  # before Ray starts: round 1's teacher would fail on it
         raise DataError(f"the pool (unlabeled split) of data.root={ctx.root} is empty, and every round of "
                         f"algorithm.name={ctx.cfg.algorithm.name} scores it; give it images (data.m1 > 0 for "
                         f"data.protocol=lt, data.labeled_percent < 100 for percent, or OOD images: data.ood_ratio, "
                         f"data.ood_count), or set rounds.num_rounds=0 to evaluate zero-shot only")
-    ctx.ray()
+    inputs = {**_pool_input(ctx, r), **(_eval_inputs(ctx, 0) if r == 0 else {})}
+    rows = _score_with(ctx, ctx.checkpoint(r - 1), inputs)["unlabeled"]
     table = ctx.layout.pseudo_labels(r)
-    rows = score_split(ctx.cfg, ctx.root, "unlabeled", table, class_names=ctx.info["class_names"],
-                       mode="zero_shot" if r == 0 else "teacher", checkpoint=ctx.checkpoint(r - 1),
-                       zs_table=ctx.layout.pseudo_labels(0) if r >= 1 else None)
     quarantine(table, ctx.layout.root, "unlabeled")
     n = pool_decisions(table)
     log.info("round %d pseudo-labels: %d rows scored; accepted hard %d, soft %d; rejected (MSP <= c_ood) %d; "
@@ -159,17 +186,17 @@ def _train(ctx: RunContext, r: int) -> None:
 
 
 def _evaluate(ctx: RunContext, r: int) -> None:
-    """Score the test (and OOD test) split with round r's model, then write the round's metrics."""
+    """Score the test (and OOD test) split with round r's model, then write the round's metrics. Round r's model is
+    round r + 1's teacher: the same job scores the pool for round r + 1 (its score phase then finds it done)."""
     from loft_dist.data.quarantine import quarantine
-    from loft_dist.data.store import split_exists
     from loft_dist.eval.evaluate import evaluate_round
-    from loft_dist.scoring.job import score_splits
 
-    ctx.ray()
     mode = "zero_shot" if r == 0 else "eval"
-    outs = {s: ctx.layout.predictions(r, s) for s in ("test", "ood_test") if s == "test" or split_exists(ctx.root, s)}
-    # one job for both splits: one actor pool's start-up (~10 s on 2 cores), not one per split
-    score_splits(ctx.cfg, ctx.root, outs, class_names=ctx.info["class_names"], mode=mode, checkpoint=ctx.checkpoint(r))
+    inputs = _eval_inputs(ctx, r)
+    outs = {split: out for split, (_, out, _) in inputs.items()}
+    if 1 <= r < ctx.num_rounds:
+        inputs.update(_pool_input(ctx, r + 1))
+    _score_with(ctx, ctx.checkpoint(r), inputs)
     for split, out in outs.items():
         quarantine(out, ctx.layout.root, split)
     m = evaluate_round(ctx.cfg, ctx.layout, r, classes=ctx.info["class_names"],

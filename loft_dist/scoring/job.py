@@ -66,23 +66,25 @@ def plan_chunks(paths: list[str], rows_per_chunk: int, unit_rows: int) -> list[l
 
 
 def read_unit(batch: dict, view: str, image_size: int) -> dict:
-    """One read unit's rows (its slices of row groups) decoded, each row with its shard `path` and `chunk`."""
+    """One read unit's rows (its slices of row groups) decoded, each row with its shard `path`, `chunk` and its
+    table's scorer `mode`."""
     import numpy as np
 
-    (chunk,), (slices,) = batch["chunk"], batch["slices"]
+    (chunk,), (slices,), (mode,) = batch["chunk"], batch["slices"], batch["mode"]
     parts, paths = [], []
     for path, rg, start, stop in json.loads(str(slices)):
         with storage.open_input(path) as f:
             parts.append(pq.ParquetFile(f).read_row_group(rg, columns=INPUT_COLUMNS).slice(start, stop - start))
         paths += [path] * (stop - start)
     rows = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(INPUT_COLUMNS, pa.concat_tables(parts).columns)}
-    rows.update(path=np.asarray(paths, dtype=object), chunk=np.full(len(paths), int(chunk), np.int64))
+    rows.update(path=np.asarray(paths, dtype=object), chunk=np.full(len(paths), int(chunk), np.int64),
+                mode=np.full(len(paths), str(mode), dtype=object))
     return decode_batch(rows, view=view, image_size=image_size, normalized=False)  # uint8: the Scorer normalizes
 
 
 def _scored_dataset(cfg, units: list[dict], scorer_kwargs: dict):
     """read + decode (tasks, one per unit of ~4 batches) → Scorer (actor pool), streaming; each row keeps its shard
-    `path` and its `chunk`."""
+    `path` and its `chunk`, and is scored in its table's mode."""
     import ray.data
 
     s = cfg.scoring
@@ -99,10 +101,12 @@ def _scored_dataset(cfg, units: list[dict], scorer_kwargs: dict):
 
 @dataclass
 class _Table:
-    """One output table of a scoring job: its input shards, its chunks, and where they are committed."""
+    """One output table of a scoring job: its input shards, its scorer mode, its chunks, and where they are
+    committed."""
     label: str
     paths: list[str]
     out: str
+    mode: str
     chunks: list = field(default_factory=list)  # read units of each chunk (plan_chunks)
     rows: list[int] = field(default_factory=list)  # rows of each chunk
 
@@ -124,7 +128,8 @@ def _score_chunks(cfg, todo: dict[int, tuple[_Table, int]], scorer_kwargs: dict,
     input shard of each block, into the chunk's temp dir; a killed job loses only the chunks in flight, and a retried
     actor task cannot leave a duplicate file behind.
     """
-    units = [{"chunk": c, "slices": json.dumps(u)} for c, (t, i) in sorted(todo.items()) for u in t.chunks[i]]
+    units = [{"chunk": c, "slices": json.dumps(u), "mode": t.mode} for c, (t, i) in sorted(todo.items())
+             for u in t.chunks[i]]
     scored = _scored_dataset(cfg, units, scorer_kwargs)
     tag = uuid.uuid4().hex[:8]
     tmp = {c: storage.join(t.work, f".chunk-{i:05d}.tmp-{tag}") for c, (t, i) in todo.items()}
@@ -162,7 +167,7 @@ def _score_chunks(cfg, todo: dict[int, tuple[_Table, int]], scorer_kwargs: dict,
             storage.remove(t)
 
 
-def _plan_table(cfg, table: _Table, mode: str, checkpoint: str | None) -> None:
+def _plan_table(cfg, table: _Table, checkpoint: str | None) -> None:
     """Cut an unfinished table's input into chunks and claim its work dir (a different job's is started over, a killed
     run's chunks in flight are removed: they are redone)."""
     check_unique_ids(table.paths, table.label)  # one row per image needs one id per image (a row count cannot tell)
@@ -171,7 +176,7 @@ def _plan_table(cfg, table: _Table, mode: str, checkpoint: str | None) -> None:
     # rows/s on 2 cores)
     table.chunks = plan_chunks(table.paths, s.rows_per_chunk, max(4 * s.batch_size, 1))
     table.rows = [sum(stop - start for unit in chunk for _, _, start, stop in unit) for chunk in table.chunks]
-    identity = {"mode": mode, "checkpoint": checkpoint, "inputs": [storage.name(p) for p in table.paths],
+    identity = {"mode": table.mode, "checkpoint": checkpoint, "inputs": [storage.name(p) for p in table.paths],
                 "rows_per_chunk": s.rows_per_chunk}
     ident_file = storage.join(table.work, "job.json")
     if storage.is_file(ident_file) and storage.read_json(ident_file) != identity:
@@ -199,22 +204,23 @@ def _finish_table(table: _Table) -> int:
     return n
 
 
-def score_tables(cfg, inputs: dict[str, tuple[list[str], str]], *, class_names: list[str], mode: str,
+def score_tables(cfg, inputs: dict[str, tuple[list[str], str, str]], *, class_names: list[str],
                  checkpoint: str | None = None, zs_table: str | None = None) -> dict[str, int]:
-    """Score Parquet image shards into tables, label → (input shards, table dir: a path or a URI), with one actor pool
-    for all of them; returns each table's row count. A table already complete is kept as it is."""
-    tables = [_Table(label, paths, storage.absolute(out)) for label, (paths, out) in inputs.items()]
+    """Score Parquet image shards into tables with one model, label → (input shards, table dir: a path or a URI,
+    scorer mode), in one execution with one actor pool for all of them; returns each table's row count. A table
+    already complete is kept as it is. zs_table: round 0's pool table, for teacher rows (scorer.py)."""
+    tables = [_Table(label, paths, storage.absolute(out), mode) for label, (paths, out, mode) in inputs.items()]
     counts = {t.label: table_rows(t.out) for t in tables if is_complete(t.out)}
     tables = [t for t in tables if t.label not in counts]
     s = cfg.scoring
     todo: dict[int, tuple[_Table, int]] = {}
     for t in tables:
-        _plan_table(cfg, t, mode, checkpoint)
+        _plan_table(cfg, t, checkpoint)
         pending = [i for i in range(len(t.chunks)) if not is_complete(t.chunk_dir(i))]
         todo.update({len(todo) + k: (t, i) for k, i in enumerate(pending)})
         log.info("scoring %s: %d rows in %d shards (%d chunks of <= %s rows, %d done before), mode %s, actor pool "
                  "%d..%d actors x %s CPU / %s GPU, batch %d", t.label, sum(t.rows), len(t.paths), len(t.chunks),
-                 s.rows_per_chunk or "all", len(t.chunks) - len(pending), mode, s.min_actors, s.max_actors,
+                 s.rows_per_chunk or "all", len(t.chunks) - len(pending), t.mode, s.min_actors, s.max_actors,
                  s.cpus_per_actor, s.gpus_per_actor, s.batch_size)
     total = sum(t.rows[i] for t, i in todo.values())
     t0, fresh, committed = time.time(), 0, 0
@@ -227,21 +233,28 @@ def score_tables(cfg, inputs: dict[str, tuple[list[str], str]], *, class_names: 
                  committed, len(todo), fresh, total, rate, (total - fresh) / rate if rate > 0 else 0.0)
 
     if todo:
-        kwargs = {"cfg": to_dict(cfg), "class_names": class_names, "mode": mode, "checkpoint": checkpoint,
-                  "zs_table": zs_table}
+        labels = list(dict.fromkeys(t.label for t, _ in todo.values()))
+        log.info("scoring job: %d rows of %s, one execution (one actor pool), model %s", total, ", ".join(labels),
+                 checkpoint or "zero-shot CLIP")
+        kwargs = {"cfg": to_dict(cfg), "class_names": class_names, "checkpoint": checkpoint, "zs_table": zs_table}
         _score_chunks(cfg, todo, kwargs, on_commit)
     return {**counts, **{t.label: _finish_table(t) for t in tables}}
 
 
-def score_shards(cfg, paths: list[str], out_dir: str, *, label: str = "", **kwargs) -> int:
+def score_shards(cfg, paths: list[str], out_dir: str, *, mode: str, label: str = "", **kwargs) -> int:
     """Score the given Parquet image shards into the table at out_dir (a path or a URI); returns its row count."""
     label = label or storage.name(out_dir)
-    return score_tables(cfg, {label: (paths, out_dir)}, **kwargs)[label]
+    return score_tables(cfg, {label: (paths, out_dir, mode)}, **kwargs)[label]
 
 
-def score_splits(cfg, data_root: str, outs: dict[str, str], **kwargs) -> dict[str, int]:
+def score_splits(cfg, data_root: str, outs: dict[str, str], *, mode: str, **kwargs) -> dict[str, int]:
     """Score splits of a prepared dataset, split → table dir, in one job (one actor pool)."""
-    return score_tables(cfg, {split: (shard_paths(data_root, split), out) for split, out in outs.items()}, **kwargs)
+    return score_tables(cfg, split_inputs(data_root, outs, mode), **kwargs)
+
+
+def split_inputs(data_root: str, outs: dict[str, str], mode: str) -> dict[str, tuple[list[str], str, str]]:
+    """score_tables' inputs for splits of a prepared dataset, split → table dir, all in one mode."""
+    return {split: (shard_paths(data_root, split), out, mode) for split, out in outs.items()}
 
 
 def score_split(cfg, data_root: str, split: str, out_dir: str, **kwargs) -> int:

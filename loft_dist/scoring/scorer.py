@@ -1,7 +1,9 @@
 """The scorer: a callable class for `Dataset.map_batches` on an actor pool (model loaded once per actor).
 
 Modes: `zero_shot` (round 0: CLIP zero-shot scores, the stage-1 OOD filter), `teacher` (round r: the model
-of round r-1 pseudo-labels the pool), `eval` (predictions on the test splits). Every input row gives
+of round r-1 pseudo-labels the pool), `eval` (predictions on the test splits). A row's mode is its `mode` column
+(the scoring job's rows carry their table's: one actor pool scores every table of one model), else the
+scorer's. Every input row gives
 exactly one output row, whatever its decision; rows that failed to decode come out `rejected` with
 their error kept, so the driver can quarantine them.
 """
@@ -45,10 +47,10 @@ class ZeroShotLookup:
 
 
 class Scorer:
-    def __init__(self, cfg: dict, class_names: list[str], mode: str, checkpoint: str | None = None,
+    def __init__(self, cfg: dict, class_names: list[str], mode: str | None = None, checkpoint: str | None = None,
                  zs_table: str | None = None):
-        if mode not in MODES:
-            raise ValueError(f"scorer mode {mode!r}; one of {MODES}")
+        if mode is not None:
+            _check_mode(mode)
         self.cfg = from_dict(cfg)
         torch.set_num_threads(self.cfg.scoring.torch_threads)  # Ray sets OMP_NUM_THREADS from num_cpus
         self.device = "cuda" if self.cfg.scoring.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
@@ -73,15 +75,30 @@ class Scorer:
             t = t.pin_memory().to(self.device, non_blocking=True)
         return normalize_tensor(t)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> pa.Table:
+        modes = batch.get("mode")
+        if modes is None:
+            if self.mode is None:
+                raise ValueError("a batch without a `mode` column, and the Scorer was made without a mode")
+            return self._score(batch, self.mode)
+        modes = np.asarray(modes)
+        kinds = list(dict.fromkeys(modes.tolist()))
+        if len(kinds) == 1:
+            return self._score(batch, _check_mode(kinds[0]))
+        # Rows of several tables met in one batch (Ray Data bundles blocks): each part in its own mode
+        return pa.concat_tables([self._score({k: np.asarray(v)[modes == m] for k, v in batch.items()}, _check_mode(m))
+                                 for m in kinds])
+
+    def _score(self, batch: dict, mode: str) -> pa.Table:
         a = self.cfg.algorithm
         x = self._images(batch["image"])
         with torch.inference_mode(), self.autocast:
-            logits = inference_logits(a, self.model, x, PURPOSE[self.mode])
+            logits = inference_logits(a, self.model, x, PURPOSE[mode])
             probs = torch.softmax(logits.float() / a.temperature, dim=-1).cpu()
         ids = np.asarray(batch["id"])
-        zs_msp = probs.max(-1).values.numpy() if self.mode == "zero_shot" else \
-            (self.zs(ids) if self.zs is not None else np.full(len(ids), np.nan, np.float32))
+        # teacher rows take round 0's zero-shot MSP (the stage-1 filter); test rows have none
+        zs_msp = probs.max(-1).values.numpy() if mode == "zero_shot" else \
+            (self.zs(ids) if mode == "teacher" and self.zs is not None else np.full(len(ids), np.nan, np.float32))
         keep = zero_shot_keep(torch.from_numpy(zs_msp), a.zs_threshold, a.zs_keep) if a.zs_filter else None
         d = pseudo_label_decision(probs, a.c_hard, a.c_ood, a.soft_weight, keep)
         errors = np.asarray(batch["error"], dtype=object)
@@ -110,6 +127,12 @@ class Scorer:
         out["probs"] = _list_column(p)
         # A plain Arrow table (list<float> probs) keeps the Parquet readable without Ray's tensor extension.
         return pa.table(out)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"scorer mode {mode!r}; one of {MODES}")
+    return mode
 
 
 def _list_column(a: np.ndarray) -> pa.ListArray:

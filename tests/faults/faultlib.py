@@ -66,7 +66,7 @@ def sigkill(pid: int) -> None:
 
 
 class ScorerTrace:
-    """What `traced_scorer` recorded: one dict per `Scorer.__call__` (pid, n, mode, ids, started_at, done_at)."""
+    """What `traced_scorer` recorded: one dict per `Scorer.__call__` (pid, n, modes: its rows', ids, started_at, done_at)."""
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -89,7 +89,7 @@ class ScorerTrace:
 def traced_scorer(trace_dir: Path, hold: bool = False):
     """Run the scoring job with a recording subclass of `Scorer` in its actors (test-only; production is unchanged).
 
-    Each batch writes `<pid>-<n>.started` (its ids, the actor's pid, the scorer mode) before scoring and
+    Each batch writes `<pid>-<n>.started` (its ids, the actor's pid, its rows' scorer modes) before scoring and
     `<pid>-<n>.done` after, so a test can tell which process held which rows and which batches ran again. With
     `hold`, every batch waits while trace_dir/hold exists (120 s at most), until `ScorerTrace.release()`: a test can
     then kill an actor that provably holds a batch, or wait until two actors hold one each.
@@ -113,7 +113,8 @@ def traced_scorer(trace_dir: Path, hold: bool = False):
                     json.dump(record, f)
                 os.replace(f"{name}.{event}.tmp", f"{name}.{event}")  # whole files only: the test reads them live
 
-            mark("started", {"pid": os.getpid(), "n": self._traced, "mode": self.mode, "t": time.time(),
+            modes = sorted({str(m) for m in batch["mode"]}) if "mode" in batch else [self.mode]
+            mark("started", {"pid": os.getpid(), "n": self._traced, "modes": modes, "t": time.time(),
                              "ids": [int(i) for i in batch["id"]]})
             while True:  # the hold: at most 120 s after it was set, in all (not per batch)
                 try:

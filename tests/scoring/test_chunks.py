@@ -55,11 +55,13 @@ def test_chunk_boundaries_do_not_depend_on_the_unit_size(shards):
     assert rows_of(plan_chunks(shards, 700, 64)) == rows_of(plan_chunks(shards, 700, 5000))
 
 
-def test_a_read_unit_returns_exactly_its_slices_with_shard_and_chunk(shards):
+def test_a_read_unit_returns_exactly_its_slices_with_shard_chunk_and_mode(shards):
     unit = [(shards[0], 0, 2400, 2500), (shards[1], 1, 0, 10)]
-    out = read_unit({"chunk": np.array([7]), "slices": np.array([json.dumps(unit)], dtype=object)}, "clean", 16)
+    out = read_unit({"chunk": np.array([7]), "slices": np.array([json.dumps(unit)], dtype=object),
+                     "mode": np.array(["eval"], dtype=object)}, "clean", 16)
     assert out["id"].tolist() == list(range(2400, 2500)) + list(range(2800, 2810))
     assert out["path"].tolist() == [shards[0]] * 100 + [shards[1]] * 10 and set(out["chunk"].tolist()) == {7}
+    assert out["mode"].tolist() == ["eval"] * 110  # its table's scorer mode, on every row
     assert out["image"].shape == (110, 16, 16, 3) and out["image"].dtype == np.uint8
     assert all(e for e in out["error"])  # undecodable bytes are reported per row, not dropped
     assert set(INPUT_COLUMNS) <= set(out)

@@ -27,7 +27,7 @@ from loft_dist.data.pseudo_labels import round_datasets
 from loft_dist.train.loop import soft_targets
 from loft_dist.data.store import read_dataset_info, shard_paths
 from loft_dist.data.transforms import decode_batch, normalize
-from loft_dist.scoring.job import score_split
+from loft_dist.scoring.job import score_split, score_tables, split_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -216,10 +216,15 @@ def teacher_table(world, zero_shot_table):
                                        f"algorithm.c_ood={c_ood}", f"algorithm.c_hard={c_hard}",
                                        f"algorithm.temperature={T}", "algorithm.soft_weight=msp",
                                        f"scoring.probs_topk={TOPK}", "scoring.min_actors=2", "scoring.max_actors=2"))
-    table = root / "r1_table"
-    assert score_split(cfg, cfg.data_root, "unlabeled", str(table), class_names=world["classes"], mode="teacher",
-                       checkpoint=world["ckpt"], zs_table=str(zero_shot_table["table"])) == len(pool["id"])
-    return {"cfg": cfg, "table": table, "ref": ref, "zs_msp": zs}
+    table, test = root / "r1_table", root / "r1_test"
+    # As the round driver's evaluation does: one job scores the test split (eval) beside the next round's pool
+    # (teacher) with the same model, rows of both tables meeting in the actors' batches
+    inputs = {"unlabeled": (shard_paths(cfg.data_root, "unlabeled"), str(table), "teacher"),
+              **split_inputs(cfg.data_root, {"test": str(test)}, "eval")}
+    rows = score_tables(cfg, inputs, class_names=world["classes"], checkpoint=world["ckpt"],
+                        zs_table=str(zero_shot_table["table"]))
+    assert rows == {"unlabeled": len(pool["id"]), "test": read_dataset_info(cfg.data_root)["rows"]["test"]}
+    return {"cfg": cfg, "table": table, "ref": ref, "zs_msp": zs, "test_table": test}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +244,52 @@ def test_teacher_table_equals_in_process_teacher_scores(world, teacher_table):
     _assert_table_is_reference(tab, world["pool"], t["ref"], t["zs_msp"], t["cfg"].algorithm, topk=TOPK)
     soft = tab["decision"] == "soft"
     assert (tab["weight"][soft] < 1).all()  # soft_weight=msp really weighs the soft band by q, not 1
+
+
+def test_test_rows_scored_beside_teacher_rows_are_the_models_test_predictions(world, teacher_table):
+    """The evaluation's rows of the teacher's job: the model's test logits, and no zero-shot MSP (not pool rows)."""
+    cfg = teacher_table["cfg"]
+    test = _read_split(cfg.data_root, "test", ["id", "image", "true_label"])
+    order = np.argsort(test["id"])
+    test = {k: v[order] for k, v in test.items()}
+    x = normalize(decode_batch(dict(test), view=cfg.scoring.view, image_size=cfg.data.image_size,
+                               normalized=False)["image"])
+    ref = _softmax(_logits(cfg, world["teacher"], torch.from_numpy(x), "test"), cfg.algorithm.temperature)
+    tab = _read_table(teacher_table["test_table"])
+    np.testing.assert_array_equal(tab["id"], test["id"])
+    np.testing.assert_array_equal(tab["true_label"], test["true_label"])
+    np.testing.assert_array_equal(tab["pred"], ref.argmax(axis=1))
+    np.testing.assert_allclose(tab["msp"], ref.max(axis=1), atol=PROB_TOL, rtol=0)
+    assert np.isnan(tab["zs_msp"]).all()
+
+
+def test_a_batch_holding_two_tables_rows_scores_each_row_in_its_own_mode(world, zero_shot_table, teacher_table):
+    """Ray Data may bundle rows of two tables into one batch: each row comes out as its table's mode scores it."""
+    from loft_dist.config import to_dict
+    from loft_dist.scoring.scorer import Scorer
+
+    cfg = teacher_table["cfg"]
+    scorer = Scorer(to_dict(cfg), world["classes"], checkpoint=world["ckpt"], zs_table=str(zero_shot_table["table"]))
+    n = 24
+    parts = {"teacher": {k: v[:n] for k, v in world["pool"].items()},
+             "eval": _read_split(cfg.data_root, "test", ["id", "image", "true_label"])}
+    parts["eval"] = {k: v[:n] for k, v in parts["eval"].items()}
+    decoded = {m: decode_batch(dict(p), view=cfg.scoring.view, image_size=cfg.data.image_size, normalized=False)
+               for m, p in parts.items()}
+    alone = {m: scorer({**d, "mode": np.full(n, m, dtype=object)}).to_pydict() for m, d in decoded.items()}
+    order = np.random.default_rng(0).permutation(2 * n)  # the two tables' rows interleaved
+    mixed = {k: np.concatenate([decoded["teacher"][k], decoded["eval"][k]])[order] for k in decoded["eval"]}
+    mixed["mode"] = np.repeat(np.array(["teacher", "eval"], dtype=object), n)[order]
+    got = scorer(mixed).to_pydict()
+    by_id = {i: g for g, i in enumerate(got["id"])}  # id → its row in the mixed batch's output
+    assert sorted(by_id) == sorted(alone["teacher"]["id"] + alone["eval"]["id"])
+    for m, want in alone.items():
+        for j, i in enumerate(want["id"]):
+            g = by_id[i]
+            assert (got["pred"][g], got["decision"][g]) == (want["pred"][j], want["decision"][j]), (m, i)
+            np.testing.assert_allclose([got["msp"][g], got["zs_msp"][g]], [want["msp"][j], want["zs_msp"][j]],
+                                       atol=PROB_TOL, rtol=0)
+    assert np.isnan(alone["eval"]["zs_msp"]).all() and not np.isnan(alone["teacher"]["zs_msp"]).any()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -176,11 +176,11 @@ def test_two_tables_are_scored_by_one_execution_each_row_into_its_own_table(tmp_
         sorted((t.label, i) for t, i in todo.values())) or real(cfg, todo, *a))
     outs = {k: tmp_path / "out" / k for k in ids}
     paths = {k: [str(p) for p in sorted((tmp_path / k).glob("*.parquet"))] for k in ids}
-    counts = job.score_tables(cfg, {k: (paths[k], str(outs[k])) for k in ids}, class_names=CLASSES, mode="zero_shot")
+    inputs = {k: (paths[k], str(outs[k]), "zero_shot") for k in ids}
+    counts = job.score_tables(cfg, inputs, class_names=CLASSES)
     assert counts == {"a": 700, "b": 300}
     assert executions == [[("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]]
     for k in ids:
         assert sorted(_ids(outs[k])) == sorted(ids[k])
         assert not (outs[k].parent / f".{k}.work").exists()
-    assert job.score_tables(cfg, {k: (paths[k], str(outs[k])) for k in ids}, class_names=CLASSES,
-                            mode="zero_shot") == counts and len(executions) == 1  # complete tables: nothing to do
+    assert job.score_tables(cfg, inputs, class_names=CLASSES) == counts and len(executions) == 1  # nothing to do
