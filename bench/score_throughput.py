@@ -7,6 +7,7 @@ pool's do (data.rows_per_shard), and the job runs with its default chunking (sco
 
     python bench/score_throughput.py                     # N = 40,000, large pool 1,000,000, memory 100,000 vs 1,000,000
     python bench/score_throughput.py --n 4000 --big-n 20000 --mem-n 2000 --no-record
+    python bench/score_throughput.py --cpu-split 200000   # only: core-µs per scored row by process, printed
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ def cli_score(pool: Path, tmp: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first, peak, polls = None, {"driver": 0.0, "actor": 0.0}, 0
+    cpu, at_first = CpuByRole(proc.pid), {}
     while proc.poll() is None:
         if first is None and any(work.glob("chunk-*/_SUCCESS")):
             first = time.perf_counter() - t0
-        if polls % 4 == 0:  # RSS every 0.2 s: the driver (the command's process) and each Scorer actor
+            at_first = cpu.sample()
+        if polls % 4 == 0:  # every 0.2 s: CPU by role; RSS of the driver (the command's process) and each Scorer actor
+            cpu.sample()
             try:
                 peak["driver"] = max(peak["driver"], rss_mb(proc.pid))
             except psutil.Error:
@@ -113,9 +117,64 @@ def cli_score(pool: Path, tmp: Path) -> dict:
     if proc.returncode:
         sys.exit(proc.stderr.read()[-3000:])
     ids = pq.read_table(out, columns=["id"]).column("id")
+    after = cpu.totals()
     return {"n": len(ids), "first_commit_s": first if first is not None else total, "seconds": total,
             "rows": len(ids), "distinct": len(ids.unique()), "driver_peak_mb": peak["driver"],
-            "actor_peak_mb": peak["actor"]}
+            "actor_peak_mb": peak["actor"], "cpu_s": after,
+            "cpu_s_after_first": {k: v - at_first.get(k, 0.0) for k, v in after.items()}}
+
+
+class CpuByRole:
+    """CPU seconds (user + system) of every process on the machine since it was made, by role in a scoring job:
+    the command (driver), the Scorer actor, the read + decode tasks' workers, and the rest (Ray's own processes,
+    idle workers, anything else running). A process's last sample counts after it exits (≤ 0.2 s lost)."""
+
+    def __init__(self, driver: int):
+        import psutil
+
+        self.driver, self.seen, self.role = driver, {}, {}
+        self.base = {p.pid: sum(p.cpu_times()[:2]) for p in psutil.process_iter()}
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                line, t = " ".join(p.info["cmdline"] or []), sum(p.cpu_times()[:2])
+            except psutil.Error:
+                continue
+            role = "driver" if p.pid == self.driver else "actor" if "Scorer" in line else \
+                "decode" if "read_unit" in line else None
+            if role or p.pid not in self.role:  # a task worker shows read_unit only while it runs one
+                self.role[p.pid] = role or self.role.get(p.pid) or "rest"
+            self.seen[p.pid] = t - self.base.get(p.pid, 0.0)
+        return self.totals()
+
+    def totals(self) -> dict[str, float]:
+        out = dict.fromkeys(("driver", "actor", "decode", "rest"), 0.0)
+        for pid, t in self.seen.items():
+            out[self.role[pid]] += t
+        return out
+
+
+def cpu_split(n: int) -> str:
+    """Where a core-second goes per scored row: `loft-dist score` of an n-row pool, CPU by role, whole run and after
+    its first committed chunk, against the plain loop's (1 thread: one core)."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        paths = write_pool(tmp / "pool", n, shards=max(4, n // ROWS_PER_SHARD))
+        plain1 = plain_loop(paths[: max(1, len(paths) // 10)], threads=1)
+        r = cli_score(tmp / "pool", tmp)
+    assert r["rows"] == r["distinct"] == n, r
+    steady_rows = n - 50_000 if n > 50_000 else n
+    steady_s = r["seconds"] - r["first_commit_s"]
+    us = {k: 1e6 * v / steady_rows for k, v in r["cpu_s_after_first"].items()}
+    return (f"cpu split N={n}: {r['seconds']:.1f} s, first chunk {r['first_commit_s']:.1f} s, steady "
+            f"{steady_rows / steady_s:.0f} rows/s; core-us per row after the first chunk: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in us.items()) + f", all {sum(us.values()):.0f} "
+            f"(2 cores cap {2e6 / sum(us.values()):.0f} rows/s); whole run CPU s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items())
+            + f"; plain loop 1 thread {plain1:.0f} rows/s = {1e6 / plain1:.0f} core-us per row")
 
 
 def main() -> int:
@@ -124,11 +183,16 @@ def main() -> int:
     p.add_argument("--big-n", type=int, default=1_000_000, help="the large pool, scored end to end by both sides")
     p.add_argument("--mem-n", type=int, default=100_000, help="memory: `loft-dist score` of this pool vs the large one")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--cpu-split", type=int, default=0, metavar="N",
+                   help="only: CPU per scored row by process role, `loft-dist score` of an N-row pool (printed)")
     p.add_argument("--plain-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.plain_child:
         plain_loop(json.loads(Path(a.plain_child).read_text()), threads=a.threads)
+        return 0
+    if a.cpu_split:
+        print(cpu_split(a.cpu_split))
         return 0
 
     import ray

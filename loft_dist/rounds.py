@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from statistics import fmean
 
 from omegaconf import OmegaConf
 
@@ -258,6 +259,7 @@ def _run_leased(cfg: Config, layout: RunLayout, lease) -> dict:
     _check_phase_outputs(ctx, [p for p in table if p.name in state.done])
     ctx.tracker = Tracker(layout.root)  # TensorBoard (and MLflow when configured) beside the run's files
     ctx.tracker.log_params(to_dict(cfg), resumable=resumable_keys())
+    spent: dict[str, list[float]] = {}  # this driver's phase times by step: the ETA of the phases left
     try:
         for i, p in enumerate(todo):
             lease.check()
@@ -265,9 +267,10 @@ def _run_leased(cfg: Config, layout: RunLayout, lease) -> dict:
             STEPS[p.step](ctx, p.round)
             lease.check()  # a driver that lost its lease records nothing more
             state.complete(p.name, time.time() - t0)
-            left = len(todo) - i - 1
-            log.info("phase %s done in %.1f s; %d phases left, ETA %.0f s", p.name, state.times[-1], left,
-                     left * sum(state.times) / len(state.times))
+            spent.setdefault(p.step, []).append(state.times[-1])
+            left = todo[i + 1:]
+            log.info("phase %s done in %.1f s; %d phases left, ETA %.0f s", p.name, state.times[-1], len(left),
+                     sum(fmean(spent.get(q.step) or state.times) for q in left))
     finally:
         ctx.tracker.close(finished=len(state.done) == len(table))
     summary = write_report(layout.root)
