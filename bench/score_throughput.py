@@ -79,7 +79,7 @@ def actor_pool(paths: list[str], actors: int, tmp: Path) -> tuple[float, float]:
     return time.perf_counter() - t0, rows
 
 
-def cli_score(pool: Path, tmp: Path) -> dict:
+def cli_score(pool: Path, tmp: Path, *extra: str) -> dict:
     """`loft-dist score` on a pool dir as a user runs it (its own Ray, default chunking): seconds from the command to
     the first committed chunk and to the end, and the table's rows and distinct ids."""
     import pyarrow.parquet as pq
@@ -88,7 +88,7 @@ def cli_score(pool: Path, tmp: Path) -> dict:
     work = out.with_name(f".{out.name}.work")
     cmd = ["loft-dist", "score", "configs/tiny.yaml", f"data.root={tmp / 'no_dataset'}", f"scoring.input={pool}",
            f"scoring.output={out}", f"scoring.class_names=[{','.join(CLASSES)}]", "scoring.batch_size=512", "scoring.torch_threads=1",
-           "run.object_store_mb=400"]
+           "run.object_store_mb=400", *extra]
     import psutil
 
     t0 = time.perf_counter()
@@ -157,19 +157,19 @@ class CpuByRole:
         return out
 
 
-def cpu_split(n: int) -> str:
+def cpu_split(n: int, *extra: str) -> str:
     """Where a core-second goes per scored row: `loft-dist score` of an n-row pool, CPU by role, whole run and after
     its first committed chunk, against the plain loop's (1 thread: one core)."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths = write_pool(tmp / "pool", n, shards=max(4, n // ROWS_PER_SHARD))
         plain1 = plain_loop(paths[: max(1, len(paths) // 10)], threads=1)
-        r = cli_score(tmp / "pool", tmp)
+        r = cli_score(tmp / "pool", tmp, *extra)
     assert r["rows"] == r["distinct"] == n, r
     steady_rows = n - 50_000 if n > 50_000 else n
     steady_s = r["seconds"] - r["first_commit_s"]
     us = {k: 1e6 * v / steady_rows for k, v in r["cpu_s_after_first"].items()}
-    return (f"cpu split N={n}: {r['seconds']:.1f} s, first chunk {r['first_commit_s']:.1f} s, steady "
+    return (f"cpu split N={n} {' '.join(extra)}: {r['seconds']:.1f} s, first chunk {r['first_commit_s']:.1f} s, steady "
             f"{steady_rows / steady_s:.0f} rows/s; core-us per row after the first chunk: "
             + ", ".join(f"{k} {v:.0f}" for k, v in us.items()) + f", all {sum(us.values()):.0f} "
             f"(2 cores cap {2e6 / sum(us.values()):.0f} rows/s); whole run CPU s: "
@@ -185,6 +185,7 @@ def main() -> int:
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--cpu-split", type=int, default=0, metavar="N",
                    help="only: CPU per scored row by process role, `loft-dist score` of an N-row pool (printed)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="--cpu-split: overrides for the command")
     p.add_argument("--plain-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -192,7 +193,7 @@ def main() -> int:
         plain_loop(json.loads(Path(a.plain_child).read_text()), threads=a.threads)
         return 0
     if a.cpu_split:
-        print(cpu_split(a.cpu_split))
+        print(cpu_split(a.cpu_split, *a.set))
         return 0
 
     import ray
