@@ -160,13 +160,16 @@ class CpuByRole:
 def cpu_split(n: int, *extra: str) -> str:
     """Where a core-second goes per scored row: `loft-dist score` of an n-row pool, CPU by role, whole run and after
     its first committed chunk, against the plain loop's (1 thread: one core)."""
+    first_chunk = _cfg(Path(tempfile.gettempdir())).scoring.rows_per_chunk  # the job's default chunking (cli_score)
+    if not first_chunk or n <= first_chunk:
+        sys.exit(f"--cpu-split {n}: the pool must hold more than one chunk ({first_chunk} rows) to have a steady part")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         paths = write_pool(tmp / "pool", n, shards=max(4, n // ROWS_PER_SHARD))
         plain1 = plain_loop(paths[: max(1, len(paths) // 10)], threads=1)
         r = cli_score(tmp / "pool", tmp, *extra)
     assert r["rows"] == r["distinct"] == n, r
-    steady_rows = n - 50_000 if n > 50_000 else n
+    steady_rows = n - first_chunk
     steady_s = r["seconds"] - r["first_commit_s"]
     us = {k: 1e6 * v / steady_rows for k, v in r["cpu_s_after_first"].items()}
     return (f"cpu split N={n} {' '.join(extra)}: {r['seconds']:.1f} s, first chunk {r['first_commit_s']:.1f} s, steady "

@@ -192,8 +192,8 @@ def _evaluate(ctx: RunContext, r: int) -> None:
     from loft_dist.data.quarantine import quarantine
     from loft_dist.eval.evaluate import evaluate_round
 
-    mode = "zero_shot" if r == 0 else "eval"
     inputs = _eval_inputs(ctx, r)
+    mode = inputs["test"][2]  # zero-shot in round 0
     outs = {split: out for split, (_, out, _) in inputs.items()}
     if 1 <= r < ctx.num_rounds:
         inputs.update(_pool_input(ctx, r + 1))
