@@ -106,9 +106,12 @@ def test_killed_scoring_job_resumes_without_duplicate_or_missing_id(tmp_path, ra
         run_score_job(load_config(None, {overrides!r}))
     """)
     log = tmp_path / "job.log"
+    # The job's driver joins the session's Ray, as a job on a running cluster does: a Ray of its own would be a third
+    # on the machine, and under the suite's load its raylet has missed Ray's fixed 30 s registration wait.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), start_new_session=True,
-                                stdout=f, stderr=subprocess.STDOUT)
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
     work = out.with_name(f".{out.name}.work")
     deadline = time.time() + 300
     # Chunks commit as their last row arrives, in one streaming execution: kill once two of the eight are in.
