@@ -117,8 +117,8 @@ def _pool_input(ctx: RunContext, r: int) -> dict:
     """Round r's pool table: zero-shot in round 0, else pseudo-labels by the teacher, round r - 1's model."""
     from loft_dist.data.store import shard_paths
 
-    return {"unlabeled": (shard_paths(ctx.root, "unlabeled"), ctx.layout.pseudo_labels(r),
-                          "zero_shot" if r == 0 else "teacher")}
+    return {f"pool r{r}": (shard_paths(ctx.root, "unlabeled"), ctx.layout.pseudo_labels(r),
+                           "zero_shot" if r == 0 else "teacher")}
 
 
 def _eval_inputs(ctx: RunContext, r: int) -> dict:
@@ -132,19 +132,21 @@ def _eval_inputs(ctx: RunContext, r: int) -> dict:
 
 def _score_with(ctx: RunContext, checkpoint: str | None, inputs: dict) -> dict[str, int]:
     """Every table one model scores in a phase, in one job: one actor pool's start-up (~7-10 s on 2 cores), not one
-    per table. A table already complete (scored by an earlier phase's job) is kept."""
+    per table. A table already complete (scored by an earlier phase's job) is kept. Teachers from round 2 on read
+    the stage-1 zero-shot MSP from round 0's table; round 1's teacher is round 0's model and computes it itself."""
     from loft_dist.scoring.job import score_tables
 
     ctx.ray()
     teacher = any(mode == "teacher" for _, _, mode in inputs.values())
     return score_tables(ctx.cfg, inputs, class_names=ctx.info["class_names"], checkpoint=checkpoint,
-                        zs_table=ctx.layout.pseudo_labels(0) if teacher else None)
+                        zs_table=ctx.layout.pseudo_labels(0) if teacher and checkpoint else None)
 
 
 def _score(ctx: RunContext, r: int) -> None:
-    """The pool's pseudo-label table of round r: zero-shot in round 0, else the teacher of round r - 1. Round 0's job
-    also scores the test splits (the zero-shot model is round 0's model: r0.eval finds them done); from round 2 on,
-    the previous round's evaluation scored the pool already (_evaluate)."""
+    """The pool's pseudo-label table of round r: zero-shot in round 0, else the teacher of round r - 1. The zero-shot
+    model is round 0's model and round 1's teacher, so round 0's job also scores the test splits (r0.eval finds them
+    done) and round 1's pool table, from the same decoded pool rows (r1.score finds it done); from round 2 on, the
+    previous round's evaluation scored the pool already (_evaluate)."""
     from loft_dist.data.pseudo_labels import pool_decisions
     from loft_dist.data.quarantine import quarantine
 
@@ -153,8 +155,9 @@ def _score(ctx: RunContext, r: int) -> None:
                         f"algorithm.name={ctx.cfg.algorithm.name} scores it; give it images (data.m1 > 0 for "
                         f"data.protocol=lt, data.labeled_percent < 100 for percent, or OOD images: data.ood_ratio, "
                         f"data.ood_count), or set rounds.num_rounds=0 to evaluate zero-shot only")
-    inputs = {**_pool_input(ctx, r), **(_eval_inputs(ctx, 0) if r == 0 else {})}
-    rows = _score_with(ctx, ctx.checkpoint(r - 1), inputs)["unlabeled"]
+    inputs = {**_pool_input(ctx, r), **(_eval_inputs(ctx, 0) if r == 0 else {}),
+              **(_pool_input(ctx, 1) if r == 0 and ctx.num_rounds else {})}
+    rows = _score_with(ctx, ctx.checkpoint(r - 1), inputs)[f"pool r{r}"]
     table = ctx.layout.pseudo_labels(r)
     quarantine(table, ctx.layout.root, "unlabeled")
     n = pool_decisions(table)

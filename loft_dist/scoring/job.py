@@ -66,25 +66,24 @@ def plan_chunks(paths: list[str], rows_per_chunk: int, unit_rows: int) -> list[l
 
 
 def read_unit(batch: dict, view: str, image_size: int) -> dict:
-    """One read unit's rows (its slices of row groups) decoded, each row with its shard `path`, `chunk` and its
-    table's scorer `mode`."""
+    """One read unit's rows (its slices of row groups) decoded, each row with its shard `path` and its unit's
+    `targets`: the (chunk, scorer mode) of every table the row is scored into (two tables read the same pool once)."""
     import numpy as np
 
-    (chunk,), (slices,), (mode,) = batch["chunk"], batch["slices"], batch["mode"]
+    (slices,), (targets,) = batch["slices"], batch["targets"]
     parts, paths = [], []
     for path, rg, start, stop in json.loads(str(slices)):
         with storage.open_input(path) as f:
             parts.append(pq.ParquetFile(f).read_row_group(rg, columns=INPUT_COLUMNS).slice(start, stop - start))
         paths += [path] * (stop - start)
     rows = {k: v.to_numpy(zero_copy_only=False) for k, v in zip(INPUT_COLUMNS, pa.concat_tables(parts).columns)}
-    rows.update(path=np.asarray(paths, dtype=object), chunk=np.full(len(paths), int(chunk), np.int64),
-                mode=np.full(len(paths), str(mode), dtype=object))
+    rows.update(path=np.asarray(paths, dtype=object), targets=np.full(len(paths), str(targets), dtype=object))
     return decode_batch(rows, view=view, image_size=image_size, normalized=False)  # uint8: the Scorer normalizes
 
 
 def _scored_dataset(cfg, units: list[dict], scorer_kwargs: dict):
     """read + decode (tasks, one per unit of ~4 batches) → Scorer (actor pool), streaming; each row keeps its shard
-    `path` and its `chunk`, and is scored in its table's mode."""
+    `path` and comes out once per target: with that target's `chunk`, scored in that target's mode."""
     import ray.data
 
     s = cfg.scoring
@@ -128,9 +127,7 @@ def _score_chunks(cfg, todo: dict[int, tuple[_Table, int]], scorer_kwargs: dict,
     input shard of each block, into the chunk's temp dir; a killed job loses only the chunks in flight, and a retried
     actor task cannot leave a duplicate file behind.
     """
-    units = [{"chunk": c, "slices": json.dumps(u), "mode": t.mode} for c, (t, i) in sorted(todo.items())
-             for u in t.chunks[i]]
-    scored = _scored_dataset(cfg, units, scorer_kwargs)
+    scored = _scored_dataset(cfg, _read_units(todo), scorer_kwargs)
     tag = uuid.uuid4().hex[:8]
     tmp = {c: storage.join(t.work, f".chunk-{i:05d}.tmp-{tag}") for c, (t, i) in todo.items()}
     expected = {c: t.rows[i] for c, (t, i) in todo.items()}
@@ -165,6 +162,20 @@ def _score_chunks(cfg, todo: dict[int, tuple[_Table, int]], scorer_kwargs: dict,
     finally:
         for t in tmp.values():
             storage.remove(t)
+
+
+def _read_units(todo: dict[int, tuple[_Table, int]]) -> list[dict]:
+    """The read units of the uncommitted chunks. Tables of the same input shards (round 0's pool scored zero-shot and
+    by round 1's teacher: one model) have the same chunks, so each of their chunks is read and decoded once and
+    scored into every table that still needs it: a unit's `targets` lists (job-wide chunk number, scorer mode)."""
+    by_input: dict[tuple, list[tuple[int, str]]] = {}
+    units: dict[tuple, list] = {}
+    for c, (t, i) in sorted(todo.items()):
+        key = (tuple(t.paths), i)
+        by_input.setdefault(key, []).append((c, t.mode))
+        units.setdefault(key, t.chunks[i])
+    return [{"slices": json.dumps(u), "targets": json.dumps(targets)} for key, targets in by_input.items()
+            for u in units[key]]
 
 
 def _plan_table(cfg, table: _Table, checkpoint: str | None) -> None:

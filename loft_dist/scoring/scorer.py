@@ -1,16 +1,17 @@
 """The scorer: a callable class for `Dataset.map_batches` on an actor pool (model loaded once per actor).
 
 Modes: `zero_shot` (round 0: CLIP zero-shot scores, the stage-1 OOD filter), `teacher` (round r: the model
-of round r-1 pseudo-labels the pool), `eval` (predictions on the test splits). A row's mode is its `mode` column
-(the scoring job's rows carry their table's: one actor pool scores every table of one model), else the
-scorer's. Every input row gives
-exactly one output row, whatever its decision; rows that failed to decode come out `rejected` with
-their error kept, so the driver can quarantine them.
+of round r-1 pseudo-labels the pool), `eval` (predictions on the test splits). The scoring job's rows carry their
+`targets`, the (chunk, mode) of every table a row goes into (one actor pool scores every table of one model, and
+round 0's pool rows go into two: zero-shot and round 1's teacher), and come out once per target; a batch without
+them is scored in the scorer's own mode. Every input row gives exactly one output row per target, whatever its
+decision; rows that failed to decode come out `rejected` with their error kept, so the driver can quarantine them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 
 import numpy as np
@@ -57,6 +58,7 @@ class Scorer:
         # The method's model: ULFine adds a linear head and fuses its logits (algorithm.dlf.use_for).
         self.model = load_model(self.cfg, class_names, checkpoint).to(self.device)
         self.mode = mode
+        self.initial = checkpoint is None  # the text-prototype model: round 0's, and round 1's teacher
         self.zs = ZeroShotLookup(zs_table) if zs_table else None
         self.topk = self.cfg.scoring.probs_topk
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.scoring.precision)
@@ -76,29 +78,49 @@ class Scorer:
         return normalize_tensor(t)
 
     def __call__(self, batch: dict) -> pa.Table:
-        modes = batch.get("mode")
-        if modes is None:
+        targets = batch.get("targets")
+        if targets is None:
             if self.mode is None:
-                raise ValueError("a batch without a `mode` column, and the Scorer was made without a mode")
-            return self._score(batch, self.mode)
-        modes = np.asarray(modes)
-        kinds = list(dict.fromkeys(modes.tolist()))
-        if len(kinds) == 1:
-            return self._score(batch, _check_mode(kinds[0]))
-        # Rows of several tables met in one batch (Ray Data bundles blocks): each part in its own mode
-        return pa.concat_tables([self._score({k: np.asarray(v)[modes == m] for k, v in batch.items()}, _check_mode(m))
-                                 for m in kinds])
+                raise ValueError("a batch without a `targets` column, and the Scorer was made without a mode")
+            return self._score(batch, [(None, self.mode)])
+        targets = np.asarray(targets)
+        kinds = list(dict.fromkeys(targets.tolist()))
+        # Rows of several read units can meet in one batch (Ray Data bundles blocks): each group by its own targets
+        parts = [batch if len(kinds) == 1 else {k: np.asarray(v)[targets == t] for k, v in batch.items()}
+                 for t in kinds]
+        return pa.concat_tables([self._score(part, [(c, _check_mode(m)) for c, m in json.loads(t)])
+                                 for part, t in zip(parts, kinds)])
 
-    def _score(self, batch: dict, mode: str) -> pa.Table:
+    def _score(self, batch: dict, targets: list[tuple[int | None, str]]) -> pa.Table:
+        """The batch's rows scored once per (chunk, mode) target; the images are moved and the zero-shot
+        probabilities computed once for all of them."""
         a = self.cfg.algorithm
         x = self._images(batch["image"])
-        with torch.inference_mode(), self.autocast:
-            logits = inference_logits(a, self.model, x, PURPOSE[mode])
-            probs = torch.softmax(logits.float() / a.temperature, dim=-1).cpu()
         ids = np.asarray(batch["id"])
-        # teacher rows take round 0's zero-shot MSP (the stage-1 filter); test rows have none
-        zs_msp = probs.max(-1).values.numpy() if mode == "zero_shot" else \
-            (self.zs(ids) if mode == "teacher" and self.zs is not None else np.full(len(ids), np.nan, np.float32))
+        cache: dict[str, torch.Tensor] = {}
+
+        def probs_of(mode: str) -> torch.Tensor:
+            if mode not in cache:
+                with torch.inference_mode(), self.autocast:
+                    logits = inference_logits(a, self.model, x, PURPOSE[mode])
+                    cache[mode] = torch.softmax(logits.float() / a.temperature, dim=-1).cpu()
+            return cache[mode]
+
+        return pa.concat_tables([self._rows(batch, ids, probs_of(mode), self._zs_msp(mode, ids, probs_of), chunk)
+                                 for chunk, mode in targets])
+
+    def _zs_msp(self, mode: str, ids: np.ndarray, probs_of) -> np.ndarray:
+        """The rows' zero-shot MSP (LoFT-OW's stage-1 filter). Teacher rows take round 0's: from its table, or, when
+        this is the initial model (round 1's teacher, round 0's model), computed here as round 0 computes it.
+        Test rows, and teacher rows of a checkpoint scored without round 0's table, have none."""
+        if mode == "zero_shot" or (mode == "teacher" and self.zs is None and self.initial):
+            return probs_of("zero_shot").max(-1).values.numpy()
+        if mode == "teacher" and self.zs is not None:
+            return self.zs(ids)
+        return np.full(len(ids), np.nan, np.float32)
+
+    def _rows(self, batch: dict, ids: np.ndarray, probs: torch.Tensor, zs_msp: np.ndarray, chunk: int | None):
+        a = self.cfg.algorithm
         keep = zero_shot_keep(torch.from_numpy(zs_msp), a.zs_threshold, a.zs_keep) if a.zs_filter else None
         d = pseudo_label_decision(probs, a.c_hard, a.c_ood, a.soft_weight, keep)
         errors = np.asarray(batch["error"], dtype=object)
@@ -115,9 +137,9 @@ class Scorer:
             "true_label": np.asarray(batch["true_label"]).astype(np.int32),
             "error": errors.astype(str),
         }
-        if "chunk" in batch:  # each row's input shard and chunk: job.py commits chunk by chunk (not kept in the table)
+        if chunk is not None:  # each row's input shard and chunk: job.py commits chunk by chunk (not kept in the table)
             out["path"] = np.asarray(batch["path"]).astype(str)
-            out["chunk"] = np.asarray(batch["chunk"]).astype(np.int64)
+            out["chunk"] = np.full(len(ids), chunk, np.int64)
         p = probs.numpy().astype(np.float32)
         if self.topk and self.topk < p.shape[1]:
             idx = np.argsort(-p, axis=1)[:, : self.topk]

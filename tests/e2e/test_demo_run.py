@@ -73,15 +73,15 @@ def test_every_round_writes_one_pseudo_label_row_per_pool_image(demo):
 
 def test_each_model_scores_every_table_it_is_asked_for_with_one_actor_pool(demo, demo_run):
     """Round r's model evaluates round r and is round r + 1's teacher: one scoring job (one actor pool's start-up)
-    per model and phase, not one per table. Round 1's teacher reads round 0's finished table, so it has its own."""
+    per model, not one per table. The zero-shot model is round 0's and round 1's teacher: one job for both pools."""
     cfg, run_dir, _ = demo
     jobs = [(tables.split(", "), model.rsplit("/", 2)[-2] if "/" in model else model) for tables, model in
             re.findall(r"scoring job: \d+ rows of (.+?), one execution \(one actor pool\), model (.+)",
                        demo_run.log.read_text())]
     evals = ["test", "ood_test"] if (run_dir / "data" / "ood_test").is_dir() else ["test"]
     R = cfg.rounds.num_rounds
-    assert jobs == [(["unlabeled", *evals], "zero-shot CLIP"), (["unlabeled"], "zero-shot CLIP")] + [
-        ([*evals, "unlabeled"] if r < R else evals, f"r{r}") for r in range(1, R + 1)], jobs
+    assert jobs == [(["pool r0", *evals, "pool r1"], "zero-shot CLIP")] + [
+        ([*evals, f"pool r{r + 1}"] if r < R else evals, f"r{r}") for r in range(1, R + 1)], jobs
 
 
 def test_checkpoints_hold_peft_adapter_and_head(demo):

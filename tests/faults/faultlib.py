@@ -113,7 +113,8 @@ def traced_scorer(trace_dir: Path, hold: bool = False):
                     json.dump(record, f)
                 os.replace(f"{name}.{event}.tmp", f"{name}.{event}")  # whole files only: the test reads them live
 
-            modes = sorted({str(m) for m in batch["mode"]}) if "mode" in batch else [self.mode]
+            modes = sorted({m for t in set(batch["targets"]) for _, m in json.loads(str(t))}) \
+                if "targets" in batch else [self.mode]
             mark("started", {"pid": os.getpid(), "n": self._traced, "modes": modes, "t": time.time(),
                              "ids": [int(i) for i in batch["id"]]})
             while True:  # the hold: at most 120 s after it was set, in all (not per batch)

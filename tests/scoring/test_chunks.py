@@ -55,13 +55,41 @@ def test_chunk_boundaries_do_not_depend_on_the_unit_size(shards):
     assert rows_of(plan_chunks(shards, 700, 64)) == rows_of(plan_chunks(shards, 700, 5000))
 
 
-def test_a_read_unit_returns_exactly_its_slices_with_shard_chunk_and_mode(shards):
+def test_a_read_unit_returns_exactly_its_slices_with_shard_and_targets(shards):
     unit = [(shards[0], 0, 2400, 2500), (shards[1], 1, 0, 10)]
-    out = read_unit({"chunk": np.array([7]), "slices": np.array([json.dumps(unit)], dtype=object),
-                     "mode": np.array(["eval"], dtype=object)}, "clean", 16)
+    targets = json.dumps([[7, "zero_shot"], [12, "teacher"]])
+    out = read_unit({"slices": np.array([json.dumps(unit)], dtype=object),
+                     "targets": np.array([targets], dtype=object)}, "clean", 16)
     assert out["id"].tolist() == list(range(2400, 2500)) + list(range(2800, 2810))
-    assert out["path"].tolist() == [shards[0]] * 100 + [shards[1]] * 10 and set(out["chunk"].tolist()) == {7}
-    assert out["mode"].tolist() == ["eval"] * 110  # its table's scorer mode, on every row
+    assert out["path"].tolist() == [shards[0]] * 100 + [shards[1]] * 10
+    assert out["targets"].tolist() == [targets] * 110  # every table (chunk, scorer mode) the row goes into
     assert out["image"].shape == (110, 16, 16, 3) and out["image"].dtype == np.uint8
     assert all(e for e in out["error"])  # undecodable bytes are reported per row, not dropped
     assert set(INPUT_COLUMNS) <= set(out)
+
+
+def test_tables_of_the_same_shards_read_each_chunk_once_for_every_table_that_needs_it(shards, tmp_path):
+    """Round 0's pool (zero-shot) and round 1's (its teacher is the same model): one read + decode per chunk, scored
+    into each table whose chunk is not committed yet (a resumed job: only the table that lacks it)."""
+    from loft_dist.scoring.job import _read_units, _Table
+
+    def table(label, mode, paths):
+        t = _Table(label, paths, f"/runs/{label}", mode)
+        t.chunks = plan_chunks(paths, 1000, 256)
+        return t
+
+    r0, r1 = table("pool r0", "zero_shot", shards), table("pool r1", "teacher", shards)
+    test = table("test", "zero_shot", [_shard(tmp_path / "test.parquet", range(5000, 5100))])
+    n = len(r0.chunks)
+    # job-wide chunk numbers, table by table as score_tables numbers them; r0's chunk 1 committed before (a resume)
+    todo = {c: (r0, i) for c, i in enumerate(i for i in range(n) if i != 1)}
+    todo.update({len(todo): (test, 0)})
+    todo.update({len(todo) + i: (r1, i) for i in range(n)})
+    units = _read_units(todo)
+    read = [(u["slices"], u["targets"]) for u in units]
+    assert len({s for s, _ in read}) == len(read), "a slice of the shards was read twice"
+    number = {(id(t), i): c for c, (t, i) in todo.items()}
+    want = [(json.dumps(u), ([[number[id(r0), i], "zero_shot"]] if i != 1 else []) + [[number[id(r1), i], "teacher"]])
+            for i in range(n) for u in r0.chunks[i]] + \
+           [(json.dumps(u), [[number[id(test), 0], "zero_shot"]]) for u in test.chunks[0]]
+    assert sorted((s, json.loads(t)) for s, t in read) == sorted(want)

@@ -11,6 +11,7 @@ soft, rejected and ood — occurs; the tests assert each does, so none can pass 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from loft_dist.data.pseudo_labels import round_datasets
 from loft_dist.train.loop import soft_targets
 from loft_dist.data.store import read_dataset_info, shard_paths
 from loft_dist.data.transforms import decode_batch, normalize
-from loft_dist.scoring.job import score_split, score_tables, split_inputs
+from loft_dist.scoring.job import score_tables, split_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -195,10 +196,14 @@ def zero_shot_table(world, ray_session):
     cfg = load_config(None, _overrides(root, "algorithm.name=loft_ow", f"algorithm.zs_threshold={zs_thr}",
                                        f"algorithm.c_ood={c_ood}", f"algorithm.c_hard={c_hard}",
                                        "scoring.probs_topk=0"))
-    table = root / "r0_table"
-    assert score_split(cfg, cfg.data_root, "unlabeled", str(table), class_names=world["classes"],
-                       mode="zero_shot") == len(pool["id"])
-    return {"cfg": cfg, "table": table, "ref": ref, "zs_msp": q}
+    table, r1 = root / "r0_table", root / "r1_init_table"
+    # As the round driver's round 0 does: the zero-shot model is round 1's teacher, so one job reads the pool once
+    # and scores it into both tables
+    paths = shard_paths(cfg.data_root, "unlabeled")
+    rows = score_tables(cfg, {"pool r0": (paths, str(table), "zero_shot"), "pool r1": (paths, str(r1), "teacher")},
+                        class_names=world["classes"])
+    assert rows == {"pool r0": len(pool["id"]), "pool r1": len(pool["id"])}
+    return {"cfg": cfg, "table": table, "ref": ref, "zs_msp": q, "r1_table": r1}
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +241,25 @@ def test_zero_shot_table_equals_in_process_zero_shot_scores(world, zero_shot_tab
     tab = _read_table(z["table"])
     _assert_table_is_reference(tab, world["pool"], z["ref"], z["zs_msp"], z["cfg"].algorithm, topk=0)
     np.testing.assert_allclose(tab["zs_msp"], tab["msp"], atol=0, rtol=0)  # round 0: the zero-shot MSP is the MSP
+
+
+def test_round_ones_table_scored_beside_round_0s_is_the_initial_models_teacher_scores(world, zero_shot_table):
+    """Round 1's teacher is the initial model: its pool table, scored in round 0's job from the same decoded rows,
+    holds that model's teacher scores, with round 0's zero-shot MSP as each row's stage-1 score, bit for bit."""
+    z = zero_shot_table
+    a = z["cfg"].algorithm
+    ref = _softmax(_logits(z["cfg"], world["init"], world["x"], "pseudo_label"), a.temperature)
+    _assert_well_separated(ref, 0)
+    tab, r0 = _read_table(z["r1_table"]), _read_table(z["table"])
+    np.testing.assert_array_equal(tab["zs_msp"], r0["zs_msp"])  # the same forward's value, not a recomputation
+    pred, msp, decision, weight = _spec_decision(ref, z["zs_msp"], a)
+    np.testing.assert_array_equal(tab["id"], world["pool"]["id"])
+    np.testing.assert_array_equal(tab["pred"], pred, err_msg="pred differs from the initial model's teacher argmax")
+    np.testing.assert_allclose(tab["msp"], msp, atol=PROB_TOL, rtol=0)
+    np.testing.assert_allclose(tab["probs"], ref, atol=PROB_TOL, rtol=0)
+    np.testing.assert_array_equal(tab["decision"], decision)
+    np.testing.assert_allclose(tab["weight"], weight, atol=PROB_TOL, rtol=0)
+    assert "ood" in set(tab["decision"].tolist()) and not np.array_equal(tab["msp"], tab["zs_msp"])
 
 
 def test_teacher_table_equals_in_process_teacher_scores(world, teacher_table):
@@ -276,17 +300,20 @@ def test_a_batch_holding_two_tables_rows_scores_each_row_in_its_own_mode(world, 
     parts["eval"] = {k: v[:n] for k, v in parts["eval"].items()}
     decoded = {m: decode_batch(dict(p), view=cfg.scoring.view, image_size=cfg.data.image_size, normalized=False)
                for m, p in parts.items()}
-    alone = {m: scorer({**d, "mode": np.full(n, m, dtype=object)}).to_pydict() for m, d in decoded.items()}
+    target = {m: json.dumps([[c, m]]) for c, m in enumerate(decoded)}
+    for m, d in decoded.items():  # what read_unit adds to each row
+        d.update(targets=np.full(n, target[m], dtype=object), path=np.full(n, f"{m}.parquet", dtype=object))
+    alone = {m: scorer(d).to_pydict() for m, d in decoded.items()}
     order = np.random.default_rng(0).permutation(2 * n)  # the two tables' rows interleaved
     mixed = {k: np.concatenate([decoded["teacher"][k], decoded["eval"][k]])[order] for k in decoded["eval"]}
-    mixed["mode"] = np.repeat(np.array(["teacher", "eval"], dtype=object), n)[order]
     got = scorer(mixed).to_pydict()
     by_id = {i: g for g, i in enumerate(got["id"])}  # id → its row in the mixed batch's output
     assert sorted(by_id) == sorted(alone["teacher"]["id"] + alone["eval"]["id"])
     for m, want in alone.items():
         for j, i in enumerate(want["id"]):
             g = by_id[i]
-            assert (got["pred"][g], got["decision"][g]) == (want["pred"][j], want["decision"][j]), (m, i)
+            assert (got["pred"][g], got["decision"][g], got["chunk"][g]) == \
+                (want["pred"][j], want["decision"][j], want["chunk"][j]), (m, i)
             np.testing.assert_allclose([got["msp"][g], got["zs_msp"][g]], [want["msp"][j], want["zs_msp"][j]],
                                        atol=PROB_TOL, rtol=0)
     assert np.isnan(alone["eval"]["zs_msp"]).all() and not np.isnan(alone["teacher"]["zs_msp"]).any()
