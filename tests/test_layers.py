@@ -62,3 +62,14 @@ def test_code_asks_the_method_object_not_the_method_name(tmp_path):
     loop.write_text(loop.read_text() + '\n\ndef _special(a):\n    return a.name in ("ulfine", "fixmatch")\n')
     assert _method_name_checks(tmp_path / "loft_dist") == [
         "loft_dist/train/loop.py:" + str(len(loop.read_text().splitlines())) + " compares .name with ['ulfine', 'fixmatch']"]
+
+
+def test_the_modules_of_decode_tasks_import_no_torch():
+    """Ray Data's decode tasks import the module of their function in every worker process they start: the scoring
+    job's read_unit and the training stream's decode steps must not pull in torch (~2.5 s of CPU per process on 2
+    cores), which only the Scorer actors and train workers need."""
+    code = ("import sys; import loft_dist.scoring.job, loft_dist.data.pseudo_labels, loft_dist.data.transforms; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'open_clip', 'peft'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout[:2000]

@@ -28,7 +28,6 @@ from loft_dist.data.quarantine import check_unique_ids
 from loft_dist.data.store import open_parquet, shard_paths
 from loft_dist.data.transforms import decode_batch
 from loft_dist.errors import ConfigError, DataError, StorageError, WeightsError
-from loft_dist.scoring.scorer import Scorer
 
 log = logging.getLogger(__name__)
 INPUT_COLUMNS = ["id", "image", "true_label"]
@@ -86,12 +85,14 @@ def _scored_dataset(cfg, units: list[dict], scorer_kwargs: dict):
     `path` and comes out once per target: with that target's `chunk`, scored in that target's mode."""
     import ray.data
 
+    from loft_dist.scoring import scorer  # here, not at the top: the decode tasks import this module, never torch
+
     s = cfg.scoring
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(read_unit, batch_size=1, batch_format="numpy", num_cpus=s.cpus_per_data_task,
                         fn_kwargs={"view": s.view, "image_size": cfg.data.image_size})
     return ds.map_batches(
-        Scorer, fn_constructor_kwargs=scorer_kwargs,
+        scorer.Scorer, fn_constructor_kwargs=scorer_kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         batch_size=s.batch_size, batch_format="numpy", num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor or None,
         resources=dict(s.custom_resources) or None,

@@ -95,12 +95,13 @@ def traced_scorer(trace_dir: Path, hold: bool = False):
     then kill an actor that provably holds a batch, or wait until two actors hold one each.
 
     The class is defined here, in a function, so that cloudpickle ships it to the actors by value (a worker
-    cannot import the test modules); it replaces the `Scorer` that `loft_dist.scoring.job` hands to Ray Data.
+    cannot import the test modules); it replaces `loft_dist.scoring.scorer.Scorer`, which the scoring job looks up when
+    it hands it to Ray Data.
     An environment variable read by `Scorer` would not reach the actors: they inherit the environment of the
     session's Ray, started once before the test."""
-    from loft_dist.scoring import job
+    from loft_dist.scoring import scorer
 
-    base = job.Scorer
+    base = scorer.Scorer
     directory = str(trace_dir)
 
     class TracingScorer(base):
@@ -131,11 +132,11 @@ def traced_scorer(trace_dir: Path, hold: bool = False):
     trace_dir.mkdir(parents=True, exist_ok=True)
     if hold:
         (trace_dir / "hold").touch()
-    job.Scorer = TracingScorer
+    scorer.Scorer = TracingScorer
     try:
         yield ScorerTrace(trace_dir)
     finally:
-        job.Scorer = base
+        scorer.Scorer = base
         (trace_dir / "hold").unlink(missing_ok=True)
 
 
