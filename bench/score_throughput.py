@@ -8,6 +8,7 @@ pool's do (data.rows_per_shard), and the job runs with its default chunking (sco
     python bench/score_throughput.py                     # N = 40,000, large pool 1,000,000, memory 100,000 vs 1,000,000
     python bench/score_throughput.py --n 4000 --big-n 20000 --mem-n 2000 --no-record
     python bench/score_throughput.py --cpu-split 200000   # only: core-µs per scored row by process, printed
+    python bench/score_throughput.py --round0 100000      # only: round 0's two pool tables, one job vs two, printed
 """
 
 from __future__ import annotations
@@ -180,6 +181,45 @@ def cpu_split(n: int, *extra: str) -> str:
             + f"; plain loop 1 thread {plain1:.0f} rows/s = {1e6 / plain1:.0f} core-us per row")
 
 
+def round0(n: int) -> str:
+    """Round 0's two pool tables of an n-row pool (zero-shot, and round 1's: the same model as teacher) written by one
+    job that reads and decodes each row once for both, against two jobs (zero-shot, then the teacher reading round
+    0's table for the stage-1 MSP), as the round driver ran them before; both ways must write the same tables."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import ray
+
+    from loft_dist.runtime import configure_ray_data
+    from loft_dist.scoring.job import score_tables
+
+    def table(path: Path) -> dict:
+        t = pq.read_table(path, columns=["id", "pred", "decision", "zs_msp"]).sort_by("id")
+        return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        paths = write_pool(tmp / "pool", n, shards=max(4, n // ROWS_PER_SHARD))
+        cfg = _cfg(tmp)
+        ray.init(object_store_memory=400 * 2**20, include_dashboard=False)
+        configure_ray_data()
+
+        def job(tables: dict, **kw) -> float:
+            t0 = time.perf_counter()
+            rows = score_tables(cfg, {k: (paths, str(tmp / k), mode) for k, mode in tables.items()},
+                                class_names=CLASSES, **kw)
+            assert set(rows.values()) == {n}, rows
+            return time.perf_counter() - t0
+
+        two = job({"a0": "zero_shot"}) + job({"a1": "teacher"}, zs_table=str(tmp / "a0"))
+        one = job({"b0": "zero_shot", "b1": "teacher"})
+        ray.shutdown()
+        for x, y in (("a0", "b0"), ("a1", "b1")):
+            a, b = table(tmp / x), table(tmp / y)
+            assert all(np.array_equal(a[c], b[c]) for c in a), f"{x} and {y} differ"
+    return (f"round 0's two pool tables, N={n}: one job {one:.1f} s ({2 * n / one:.0f} table rows/s), two jobs "
+            f"{two:.1f} s ({2 * n / two:.0f} table rows/s): {two / one:.2f}x; the same tables both ways")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=40_000)
@@ -189,6 +229,8 @@ def main() -> int:
     p.add_argument("--cpu-split", type=int, default=0, metavar="N",
                    help="only: CPU per scored row by process role, `loft-dist score` of an N-row pool (printed)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="--cpu-split: overrides for the command")
+    p.add_argument("--round0", type=int, default=0, metavar="N",
+                   help="only: round 0's two pool tables of an N-row pool, one job against two (printed)")
     p.add_argument("--plain-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -197,6 +239,9 @@ def main() -> int:
         return 0
     if a.cpu_split:
         print(cpu_split(a.cpu_split, *a.set))
+        return 0
+    if a.round0:
+        print(round0(a.round0))
         return 0
 
     import ray
