@@ -130,6 +130,14 @@ def _eval_inputs(ctx: RunContext, r: int) -> dict:
     return split_inputs(ctx.root, outs, "zero_shot" if r == 0 else "eval")
 
 
+def _model_tables(ctx: RunContext, r: int) -> dict:
+    """Every table round r's model scores, in one job: round r's test splits and, as round r + 1's teacher, round
+    r + 1's pool. Round 0's model (zero-shot CLIP) scores round 0's pool too. The first phase that runs the job
+    writes them all; a later phase finds them done."""
+    inputs = {**(_pool_input(ctx, 0) if r == 0 else {}), **_eval_inputs(ctx, r)}
+    return {**inputs, **(_pool_input(ctx, r + 1) if r < ctx.num_rounds else {})}
+
+
 def _score_with(ctx: RunContext, checkpoint: str | None, inputs: dict) -> dict[str, int]:
     """Every table one model scores in a phase, in one job: one actor pool's start-up (~7-10 s on 2 cores), not one
     per table. A table already complete (scored by an earlier phase's job) is kept. Teachers from round 2 on read
@@ -143,10 +151,10 @@ def _score_with(ctx: RunContext, checkpoint: str | None, inputs: dict) -> dict[s
 
 
 def _score(ctx: RunContext, r: int) -> None:
-    """The pool's pseudo-label table of round r: zero-shot in round 0, else the teacher of round r - 1. The zero-shot
-    model is round 0's model and round 1's teacher, so round 0's job also scores the test splits (r0.eval finds them
-    done) and round 1's pool table, from the same decoded pool rows (r1.score finds it done); from round 2 on, the
-    previous round's evaluation scored the pool already (_evaluate)."""
+    """The pool's pseudo-label table of round r: zero-shot in round 0, else the teacher of round r - 1. Round 0's
+    job is all of round 0's model's tables (_model_tables: r0.eval and r1.score find theirs done, round 1's pool
+    read and decoded once with round 0's); from round 2 on, the previous round's evaluation scored the pool already
+    (_evaluate)."""
     from loft_dist.data.pseudo_labels import pool_decisions
     from loft_dist.data.quarantine import quarantine
 
@@ -155,8 +163,7 @@ def _score(ctx: RunContext, r: int) -> None:
                         f"algorithm.name={ctx.cfg.algorithm.name} scores it; give it images (data.m1 > 0 for "
                         f"data.protocol=lt, data.labeled_percent < 100 for percent, or OOD images: data.ood_ratio, "
                         f"data.ood_count), or set rounds.num_rounds=0 to evaluate zero-shot only")
-    inputs = {**_pool_input(ctx, r), **(_eval_inputs(ctx, 0) if r == 0 else {}),
-              **(_pool_input(ctx, 1) if r == 0 and ctx.num_rounds else {})}
+    inputs = _model_tables(ctx, 0) if r == 0 else _pool_input(ctx, r)
     rows = _score_with(ctx, ctx.checkpoint(r - 1), inputs)[f"pool r{r}"]
     table = ctx.layout.pseudo_labels(r)
     quarantine(table, ctx.layout.root, "unlabeled")
@@ -195,12 +202,10 @@ def _evaluate(ctx: RunContext, r: int) -> None:
     from loft_dist.data.quarantine import quarantine
     from loft_dist.eval.evaluate import evaluate_round
 
-    inputs = _eval_inputs(ctx, r)
-    mode = inputs["test"][2]  # zero-shot in round 0
-    outs = {split: out for split, (_, out, _) in inputs.items()}
-    if 1 <= r < ctx.num_rounds:
-        inputs.update(_pool_input(ctx, r + 1))
-    _score_with(ctx, ctx.checkpoint(r), inputs)
+    splits = _eval_inputs(ctx, r)
+    mode = splits["test"][2]  # zero-shot in round 0
+    outs = {split: out for split, (_, out, _) in splits.items()}
+    _score_with(ctx, ctx.checkpoint(r), _model_tables(ctx, r))
     for split, out in outs.items():
         quarantine(out, ctx.layout.root, split)
     m = evaluate_round(ctx.cfg, ctx.layout, r, classes=ctx.info["class_names"],
